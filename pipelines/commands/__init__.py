@@ -1,0 +1,1 @@
+"""One module per glipctl command; each exposes ``main`` with its typer options."""

@@ -1,0 +1,7 @@
+"""`glipctl evaluate`."""
+from pipelines.common import not_implemented
+
+
+def main() -> None:
+    """Not implemented yet."""
+    not_implemented("evaluate")

@@ -1,0 +1,7 @@
+"""`glipctl predict`."""
+from pipelines.common import not_implemented
+
+
+def main() -> None:
+    """Not implemented yet."""
+    not_implemented("predict")
