@@ -1,0 +1,471 @@
+"""A deterministic generated world for the demo: shapes on cluttered backgrounds.
+
+One seed gives, byte for byte, the same three datasets:
+
+* ``gold/``     a small human-quality grounding set in MDETR/GoldG JSON (captions whose
+                ``tokens_positive`` spans name every object);
+* ``crawled/``  a larger web-like set in img2dataset webdataset layout (``00000.tar`` with
+                ``{key}.jpg/.txt/.json``, ``00000.parquet``, ``00000_stats.json``): images and
+                noisy alt-text only, no boxes;
+* ``eval/``     a COCO detection JSON (one category per shape) and, on the same images, an
+                MDETR grounding JSON for Recall@k.
+
+The point of the world is the situation the GLIP paper's student exploits: some shapes
+(``RARE_SHAPES``) are almost absent from gold but common in the crawled captions. A teacher
+trained on gold can still localize "a red star" through the colour it knows; the student
+trained on those pseudo-labels learns the shape itself. The evaluation set has every shape
+equally often and the detection prompt names shapes only, so it measures exactly that.
+
+Coordinates: boxes are COCO ``[x, y, w, h]`` in pixels of the stored image (tight bounds of
+the drawn mask). Images are RGB JPEGs, 128-192 px a side.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import tarfile
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from storage.atomic import atomic_path, atomic_write, write_json_atomic
+from storage.records import Box, GroundedSample, Phrase
+
+SHAPES = ("circle", "square", "triangle", "star", "heart", "cross")
+RARE_SHAPES = ("star", "heart")
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (215, 35, 35), "green": (35, 160, 60), "blue": (35, 75, 215),
+    "yellow": (235, 205, 30), "purple": (135, 55, 175), "orange": (245, 135, 25),
+}
+TEXTURES = ("plain", "striped", "dotted")
+SIZES = {"small": (20, 30), "": (30, 44), "large": (44, 60)}   # object side in pixels
+
+# Alt-text noise: phrases that name nothing in the picture, and wrappers around the real ones.
+NOISE_PHRASES = ("free shipping", "my collection", "the weekend", "our online store", "your desktop",
+                 "a great gift idea", "high quality", "the best price", "my kids", "this summer")
+CRAWLED_TEMPLATES = (
+    "{a}",
+    "photo of {a}",
+    "{a} on a plain background, {noise}",
+    "IMG_{n} {a}",
+    "Check out {a} and {b} in {noise}!!",
+    "{a} with {b} | stock photos and vectors",
+    "best {a} wallpaper for {noise}",
+    "{a} sticker - {noise}",
+    "{a} next to {b}",
+    "cute {a} and {b}, {noise}",
+)
+
+
+@dataclass(frozen=True)
+class WorldSpec:
+    """Sizes and mixtures of the generated world; everything else follows from ``seed``."""
+    seed: int = 0
+    gold_images: int = 320
+    crawled_images: int = 720
+    eval_images: int = 120
+    crawled_shard_size: int = 240
+    min_side: int = 128
+    max_side: int = 192
+    max_objects: int = 3
+    rare_shapes: tuple[str, ...] = RARE_SHAPES
+    gold_rare_weight: float = 0.04      # relative to 1.0 for each common shape
+    crawled_rare_weight: float = 2.5    # rare shapes dominate the web captions
+    crawled_phrase_colour: float = 0.9  # share of crawled object phrases that say the colour
+    crawled_omit_object: float = 0.1    # alt-text that forgets the second object
+
+    @classmethod
+    def small(cls, seed: int = 0) -> "WorldSpec":
+        """A world small enough for the test suite (seconds to generate and train on)."""
+        return cls(seed=seed, gold_images=48, crawled_images=48, eval_images=16, crawled_shard_size=24)
+
+    def scaled(self, **overrides: Any) -> "WorldSpec":
+        return replace(self, **overrides)
+
+
+@dataclass
+class WorldObject:
+    shape: str
+    colour: str
+    texture: str
+    size: str
+    bbox: list[float]          # [x, y, w, h] pixels
+
+    def noun_phrase(self, with_size: bool = True, with_texture: bool = True, with_colour: bool = True) -> str:
+        words = []
+        if with_size and self.size:
+            words.append(self.size)
+        if with_texture and self.texture != "plain":
+            words.append(self.texture)
+        if with_colour:
+            words.append(self.colour)
+        words.append(self.shape)
+        article = "an" if words[0][0] in "aeiou" else "a"
+        return " ".join([article] + words)
+
+
+@dataclass
+class WorldPaths:
+    """Where ``generate_world`` put each dataset (all under ``root``)."""
+    root: Path
+    gold_json: Path
+    gold_images: Path
+    crawled_dir: Path
+    eval_coco_json: Path
+    eval_grounding_json: Path
+    eval_images: Path
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def gold_arg(self) -> str:
+        """``ANN.json=IMAGE_DIR`` as the CLI takes it."""
+        return f"{self.gold_json}={self.gold_images}"
+
+    @property
+    def eval_coco_arg(self) -> str:
+        return f"{self.eval_coco_json}={self.eval_images}"
+
+    @property
+    def eval_grounding_arg(self) -> str:
+        return f"{self.eval_grounding_json}={self.eval_images}"
+
+
+# ----------------------------------------------------------------------------- drawing
+
+def _star(cx: float, cy: float, r: float, rot: float) -> list[tuple[float, float]]:
+    pts = []
+    for i in range(10):
+        rad = r if i % 2 == 0 else r * 0.45
+        ang = rot - math.pi / 2 + i * math.pi / 5
+        pts.append((cx + rad * math.cos(ang), cy + rad * math.sin(ang)))
+    return pts
+
+
+def _heart(cx: float, cy: float, r: float) -> list[tuple[float, float]]:
+    pts = []
+    for i in range(48):
+        t = 2 * math.pi * i / 48
+        x = 16 * math.sin(t) ** 3
+        y = 13 * math.cos(t) - 5 * math.cos(2 * t) - 2 * math.cos(3 * t) - math.cos(4 * t)
+        pts.append((cx + r * x / 17.0, cy - r * y / 17.0))
+    return pts
+
+
+def _regular(cx: float, cy: float, r: float, n: int, rot: float) -> list[tuple[float, float]]:
+    return [(cx + r * math.cos(rot + 2 * math.pi * i / n), cy + r * math.sin(rot + 2 * math.pi * i / n))
+            for i in range(n)]
+
+
+def _cross(cx: float, cy: float, r: float, rot: float) -> list[tuple[float, float]]:
+    a, b = r, r * 0.36
+    base = [(-b, -a), (b, -a), (b, -b), (a, -b), (a, b), (b, b), (b, a), (-b, a), (-b, b), (-a, b), (-a, -b), (-b, -b)]
+    c, s = math.cos(rot), math.sin(rot)
+    return [(cx + x * c - y * s, cy + x * s + y * c) for x, y in base]
+
+
+def _shape_mask(shape: str, size: tuple[int, int], cx: float, cy: float, side: float,
+                rng: np.random.Generator) -> Image.Image:
+    """An L-mode mask (255 inside) of one shape whose extent is about ``side`` pixels."""
+    mask = Image.new("L", size, 0)
+    draw = ImageDraw.Draw(mask)
+    r = side / 2
+    rot = float(rng.uniform(-0.3, 0.3))
+    if shape == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
+    elif shape == "square":
+        draw.polygon(_regular(cx, cy, r * 1.3, 4, math.pi / 4 + rot), fill=255)
+    elif shape == "triangle":
+        draw.polygon(_regular(cx, cy + r * 0.15, r * 1.15, 3, -math.pi / 2 + rot), fill=255)
+    elif shape == "star":
+        draw.polygon(_star(cx, cy, r * 1.1, rot), fill=255)
+    elif shape == "heart":
+        draw.polygon(_heart(cx, cy, r), fill=255)
+    elif shape == "cross":
+        draw.polygon(_cross(cx, cy, r, rot), fill=255)
+    else:
+        raise ValueError(f"unknown shape {shape!r}")
+    return mask
+
+
+def _texture_fill(texture: str, colour: tuple[int, int, int], size: tuple[int, int],
+                  rng: np.random.Generator) -> Image.Image:
+    jitter = rng.integers(-18, 19, size=3)
+    base = tuple(int(np.clip(c + j, 0, 255)) for c, j in zip(colour, jitter))
+    fill = Image.new("RGB", size, base)
+    if texture == "plain":
+        return fill
+    light = tuple(int(c + (255 - c) * 0.75) for c in base)
+    draw = ImageDraw.Draw(fill)
+    w, h = size
+    if texture == "striped":
+        period = int(rng.integers(5, 8))
+        for k in range(-h, w + h, period):
+            draw.line([(k, 0), (k + h, h)], fill=light, width=2)
+    elif texture == "dotted":
+        period = int(rng.integers(5, 8))
+        for y in range(0, h, period):
+            for x in range((y // period % 2) * period // 2, w, period):
+                draw.ellipse([x, y, x + 2, y + 2], fill=light)
+    return fill
+
+
+def _background(size: tuple[int, int], rng: np.random.Generator) -> Image.Image:
+    """Pale noisy gradient with grey clutter: lines, specks and blobs that are no shape."""
+    w, h = size
+    tint = rng.integers(205, 246, size=3).astype(np.float32)
+    gy = np.linspace(-1, 1, h, dtype=np.float32)[:, None, None] * rng.uniform(-14, 14)
+    noise = rng.normal(0, 6, size=(h, w, 3)).astype(np.float32)
+    arr = np.clip(tint[None, None, :] + gy + noise, 0, 255).astype(np.uint8)
+    img = Image.fromarray(arr, "RGB")
+    draw = ImageDraw.Draw(img)
+    for _ in range(int(rng.integers(2, 7))):       # clutter lines
+        g = int(rng.integers(90, 190))
+        x0, y0, x1, y1 = (float(v) for v in rng.uniform(0, 1, 4) * [w, h, w, h])
+        draw.line([(x0, y0), (x1, y1)], fill=(g, g, g), width=int(rng.integers(1, 3)))
+    for _ in range(int(rng.integers(0, 4))):       # grey blobs
+        g = int(rng.integers(120, 200))
+        x, y = float(rng.uniform(0, w)), float(rng.uniform(0, h))
+        r = float(rng.uniform(3, 8))
+        draw.ellipse([x - r, y - r * 0.6, x + r, y + r * 0.6], fill=(g, g, g - 10))
+    return img
+
+
+def _draw_scene(objects_spec: list[tuple[str, str, str, str]], rng: np.random.Generator,
+                spec: WorldSpec) -> tuple[bytes, int, int, list[WorldObject]]:
+    """Render one image; returns JPEG bytes, width, height and the placed objects."""
+    w = int(rng.integers(spec.min_side // 8, spec.max_side // 8 + 1)) * 8
+    h = int(rng.integers(spec.min_side // 8, spec.max_side // 8 + 1)) * 8
+    img = _background((w, h), rng)
+    placed: list[WorldObject] = []
+    taken: list[tuple[float, float, float, float]] = []
+    for shape, colour, texture, size_word in objects_spec:
+        lo, hi = SIZES[size_word]
+        for _attempt in range(30):   # rejection sampling: objects do not overlap
+            side = float(rng.uniform(lo, hi))
+            cx = float(rng.uniform(side * 0.65, w - side * 0.65))
+            cy = float(rng.uniform(side * 0.65, h - side * 0.65))
+            box = (cx - side * 0.7, cy - side * 0.7, cx + side * 0.7, cy + side * 0.7)
+            if all(box[2] < t[0] or box[0] > t[2] or box[3] < t[1] or box[1] > t[3] for t in taken):
+                break
+        else:
+            continue
+        mask = _shape_mask(shape, (w, h), cx, cy, side, rng)
+        bounds = mask.getbbox()
+        if bounds is None:
+            continue
+        taken.append(box)
+        img.paste(_texture_fill(texture, COLOURS[colour], (w, h), rng), (0, 0), mask)
+        x0, y0, x1, y1 = bounds
+        placed.append(WorldObject(shape, colour, texture, size_word,
+                                  [float(x0), float(y0), float(x1 - x0), float(y1 - y0)]))
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=90)
+    return buf.getvalue(), w, h, placed
+
+
+def _pick_objects(rng: np.random.Generator, n: int, rare_weight: float,
+                  spec: WorldSpec) -> list[tuple[str, str, str, str]]:
+    """``n`` objects with distinct colours (so a colour word always names one object)."""
+    weights = np.array([rare_weight if s in spec.rare_shapes else 1.0 for s in SHAPES])
+    weights = weights / weights.sum()
+    colours = rng.permutation(list(COLOURS))[:n]
+    out = []
+    for colour in colours:
+        shape = str(rng.choice(SHAPES, p=weights))
+        texture = str(rng.choice(TEXTURES, p=[0.6, 0.2, 0.2]))
+        size_word = str(rng.choice(list(SIZES), p=[0.3, 0.4, 0.3]))
+        out.append((shape, str(colour), texture, size_word))
+    return out
+
+
+# ----------------------------------------------------------------------------- captions
+
+def gold_caption(objects: list[WorldObject]) -> tuple[str, list[tuple[int, int]]]:
+    """"a small red circle, a blue square and a striped green star." plus one span per object."""
+    parts = [o.noun_phrase() for o in objects]
+    caption, spans = "", []
+    for i, part in enumerate(parts):
+        if i > 0:
+            caption += " and " if i == len(parts) - 1 else ", "
+        spans.append((len(caption), len(caption) + len(part)))
+        caption += part
+    return caption + ".", spans
+
+
+def crawled_caption(objects: list[WorldObject], rng: np.random.Generator, spec: WorldSpec) -> str:
+    """Alt-text: the objects (not always all, not always with colour) wrapped in web noise."""
+    def phrase(o: WorldObject) -> str:
+        return o.noun_phrase(with_size=bool(rng.random() < 0.3), with_texture=bool(rng.random() < 0.5),
+                             with_colour=bool(rng.random() < spec.crawled_phrase_colour))
+    names = [phrase(o) for o in objects]
+    if len(names) > 1 and rng.random() < spec.crawled_omit_object:
+        names = names[:1]
+    templates = [t for t in CRAWLED_TEMPLATES if ("{b}" in t) == (len(names) > 1)]
+    template = str(rng.choice(templates))
+    text = template.format(a=names[0], b=names[1] if len(names) > 1 else "",
+                           noise=str(rng.choice(NOISE_PHRASES)), n=int(rng.integers(1000, 9999)))
+    if len(names) > 2:
+        text += f", {names[2]}"
+    if rng.random() < 0.3:
+        text = text[0].upper() + text[1:]
+    return text
+
+
+# ----------------------------------------------------------------------------- writers
+
+def _mdetr_json(samples: list[GroundedSample], dataset_name: str) -> dict[str, Any]:
+    """MDETR/GoldG JSON (the layout of final_flickr_separateGT_train.json)."""
+    images, annotations = [], []
+    for image_id, s in enumerate(samples, start=1):
+        images.append({
+            "id": image_id, "file_name": s.extra["file_name"], "width": s.width, "height": s.height,
+            "caption": s.caption, "dataset_name": dataset_name, "original_img_id": image_id,
+            "sentence_id": 0, "tokens_negative": [[0, len(s.caption)]],
+            "tokens_positive_eval": [b.tokens_positive for b in s.boxes],
+        })
+        for b in s.boxes:
+            x, y, w, h = b.bbox
+            annotations.append({
+                "id": len(annotations) + 1, "image_id": image_id, "bbox": [x, y, w, h], "area": w * h,
+                "iscrowd": 0, "category_id": 1, "tokens_positive": b.tokens_positive,
+                "phrase_ids": b.phrase,
+            })
+    return {"images": images, "annotations": annotations,
+            "categories": [{"id": 1, "name": "object", "supercategory": "object"}]}
+
+
+def _write_mdetr(samples: list[GroundedSample], path: Path, dataset_name: str) -> None:
+    try:   # the storage package's writer when it exists (one way to write each format)
+        from storage.goldg import write_mdetr
+    except ImportError:
+        write_mdetr = None
+    if write_mdetr is not None:
+        write_mdetr(samples, path)
+    else:
+        write_json_atomic(path, _mdetr_json(samples, dataset_name))
+
+
+def _tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0          # fixed metadata: same seed, same bytes
+    info.mode = 0o644
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _write_crawled_shard(out_dir: Path, shard_index: int, records: list[dict[str, Any]]) -> dict[str, Any]:
+    """One img2dataset webdataset-mode shard: NNNNN.tar, NNNNN.parquet, NNNNN_stats.json."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    name = f"{shard_index:05d}"
+    with atomic_path(out_dir / f"{name}.tar") as tmp:
+        with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+            for r in records:
+                _tar_add(tar, f"{r['key']}.jpg", r["jpg"])
+                _tar_add(tar, f"{r['key']}.txt", r["caption"].encode("utf-8"))
+                _tar_add(tar, f"{r['key']}.json", json.dumps(r["meta"], sort_keys=True).encode("utf-8"))
+    table = pa.table({col: [r["meta"][col] for r in records] for col in records[0]["meta"]})
+    with atomic_path(out_dir / f"{name}.parquet") as tmp:
+        pq.write_table(table, tmp)
+    stats = {"count": len(records), "successes": len(records), "failed_to_download": 0,
+             "failed_to_resize": 0, "status_dict": {"success": len(records)}, "start_time": 0.0,
+             "end_time": 0.0, "duration": 0.0}
+    write_json_atomic(out_dir / f"{name}_stats.json", stats)
+    return stats
+
+
+# ----------------------------------------------------------------------------- world
+
+def _objects_to_sample(key: str, file_name: str, width: int, height: int, objects: list[WorldObject],
+                       source: str) -> GroundedSample:
+    caption, spans = gold_caption(objects)
+    phrases = [Phrase(caption[s:e], s, e, o.shape) for (s, e), o in zip(spans, objects)]
+    boxes = [Box(list(o.bbox), [[s, e]], i, 1.0) for i, ((s, e), o) in enumerate(zip(spans, objects))]
+    return GroundedSample(key, caption, width, height, phrases, boxes, source, {"file_name": file_name})
+
+
+def _count_shapes(objects: list[WorldObject], counts: dict[str, int]) -> None:
+    for o in objects:
+        counts[o.shape] = counts.get(o.shape, 0) + 1
+
+
+def generate_world(out_dir: str | Path, spec: WorldSpec = WorldSpec()) -> WorldPaths:
+    """Write gold, crawled and eval sets under ``out_dir``; same ``spec`` -> same bytes.
+
+    Each split draws from its own generator seeded by (``spec.seed``, split), so changing
+    the size of one split never changes the others.
+    """
+    root = Path(out_dir)
+    paths = WorldPaths(root=root, gold_json=root / "gold" / "mdetr_gold.json", gold_images=root / "gold" / "images",
+                       crawled_dir=root / "crawled", eval_coco_json=root / "eval" / "coco_eval.json",
+                       eval_grounding_json=root / "eval" / "mdetr_eval.json", eval_images=root / "eval" / "images")
+    for d in (paths.gold_images, paths.crawled_dir, paths.eval_images):
+        d.mkdir(parents=True, exist_ok=True)
+    summary: dict[str, Any] = {"spec": asdict(spec), "shapes": {"gold": {}, "crawled": {}, "eval": {}}}
+
+    # gold: every object named, with its span
+    rng = np.random.default_rng([spec.seed, 1])
+    gold = []
+    for i in range(spec.gold_images):
+        n = int(rng.integers(1, spec.max_objects + 1))
+        jpg, w, h, objects = _draw_scene(_pick_objects(rng, n, spec.gold_rare_weight, spec), rng, spec)
+        file_name = f"gold_{i:06d}.jpg"
+        with atomic_write(paths.gold_images / file_name) as fh:
+            fh.write(jpg)
+        gold.append(_objects_to_sample(f"world/{i}/0", file_name, w, h, objects, "goldg/flickr"))
+        _count_shapes(objects, summary["shapes"]["gold"])
+    _write_mdetr(gold, paths.gold_json, "flickr")
+
+    # crawled: images + alt-text, no boxes (img2dataset keys: shard index then row, 9 digits)
+    rng = np.random.default_rng([spec.seed, 2])
+    records: list[dict[str, Any]] = []
+    shard = 0
+    for i in range(spec.crawled_images):
+        n = int(rng.integers(1, min(2, spec.max_objects) + 1))
+        jpg, w, h, objects = _draw_scene(_pick_objects(rng, n, spec.crawled_rare_weight, spec), rng, spec)
+        caption = crawled_caption(objects, rng, spec)
+        key = f"{shard:05d}{len(records):04d}"
+        meta = {"url": f"https://shapes.example/{spec.seed}/{i}.jpg", "key": key, "status": "success",
+                "error_message": None, "caption": caption, "width": w, "height": h,
+                "original_width": w, "original_height": h, "sha256": None}
+        records.append({"key": key, "jpg": jpg, "caption": caption, "meta": meta})
+        _count_shapes(objects, summary["shapes"]["crawled"])
+        if len(records) == spec.crawled_shard_size or i == spec.crawled_images - 1:
+            _write_crawled_shard(paths.crawled_dir, shard, records)
+            shard, records = shard + 1, []
+
+    # eval: every shape equally likely; COCO detection JSON + MDETR grounding JSON, same images
+    rng = np.random.default_rng([spec.seed, 3])
+    coco_images, coco_anns, grounding = [], [], []
+    for i in range(spec.eval_images):
+        n = int(rng.integers(1, spec.max_objects + 1))
+        jpg, w, h, objects = _draw_scene(_pick_objects(rng, n, 1.0, spec), rng, spec)
+        file_name = f"eval_{i:06d}.jpg"
+        with atomic_write(paths.eval_images / file_name) as fh:
+            fh.write(jpg)
+        coco_images.append({"id": i + 1, "file_name": file_name, "width": w, "height": h})
+        for o in objects:
+            x, y, bw, bh = o.bbox
+            coco_anns.append({"id": len(coco_anns) + 1, "image_id": i + 1, "category_id": SHAPES.index(o.shape) + 1,
+                              "bbox": [x, y, bw, bh], "area": bw * bh, "iscrowd": 0})
+        grounding.append(_objects_to_sample(f"world-eval/{i}/0", file_name, w, h, objects, "goldg/flickr"))
+        _count_shapes(objects, summary["shapes"]["eval"])
+    write_json_atomic(paths.eval_coco_json, {
+        "info": {"description": f"glipctl generated world, seed {spec.seed}"},
+        "images": coco_images, "annotations": coco_anns,
+        "categories": [{"id": k + 1, "name": s, "supercategory": "shape"} for k, s in enumerate(SHAPES)],
+    })
+    _write_mdetr(grounding, paths.eval_grounding_json, "flickr")
+
+    summary["images"] = {"gold": spec.gold_images, "crawled": spec.crawled_images, "eval": spec.eval_images}
+    summary["rare_shapes"] = list(spec.rare_shapes)
+    for split in summary["shapes"]:
+        summary["shapes"][split] = dict(sorted(summary["shapes"][split].items()))
+    write_json_atomic(root / "world.json", summary)
+    paths.summary = summary
+    return paths
