@@ -1,0 +1,274 @@
+"""Crawled image-caption pairs: img2dataset output, plain Parquet, JSONL.
+
+The shard is the unit of work (img2dataset's own rule). ``discover_crawled_shards``
+turns the user's paths into a list of ``CrawledShard``; each shard streams its
+records as plain dicts::
+
+    {"key": str, "caption": str, "url": str | None, "width": int | None,
+     "height": int | None, "source_index": int, "image": bytes | None}
+
+``source_index`` is the record's position in its shard, counting records that were
+skipped, so it is stable across re-runs. ``width``/``height`` are the stored image's
+pixels when the input says so (img2dataset does), else None.
+
+Layouts understood:
+
+- img2dataset ``webdataset`` mode: ``NNNNN.tar`` holding ``{key}.jpg``, ``{key}.txt``
+  (the caption) and ``{key}.json`` (url, key, width, height, status, ...), with
+  ``NNNNN.parquet`` and ``NNNNN_stats.json`` beside it. The tar is the shard; the
+  Parquet beside it is metadata of the same rows (failed downloads included) and
+  is not read as a shard of its own.
+- img2dataset ``parquet`` mode: ``NNNNN.parquet`` with columns url, key, caption,
+  status, width, height and the image bytes in ``jpg``; rows whose ``status`` is
+  not ``success`` are skipped (``download_failed``).
+- plain Parquet or JSONL with a caption column (``caption_field``), optional key and
+  url columns; an ``image_path`` field (relative to the file) or ``jpg``/``image``
+  bytes column provides the image.
+
+Bad records are counted skips (``StageCounts.skip(reason, file, key)``), never
+exceptions. The reader counts ``read`` once per record it meets; the consumer
+counts ``written``.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from storage.errors import InputError
+from storage.skips import StageCounts
+from storage.tar_members import iter_tar_groups
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+IMAGE_COLUMNS = ("jpg", "image", "png", "webp")
+KINDS = ("img2dataset_tar", "parquet", "jsonl")
+
+
+@dataclass(frozen=True)
+class CrawledShard:
+    """One input shard. Picklable: Ray tasks receive it and read the file themselves."""
+    name: str              # stable and unique among the inputs of one run, e.g. "00000"
+    path: str
+    kind: str              # one of KINDS
+    caption_field: str = "caption"
+    key_field: str = "key"
+    url_field: str = "url"
+
+    def iter_records(self, counts: StageCounts, with_images: bool = False) -> Iterator[dict[str, Any]]:
+        """Stream the shard's usable records; see the module docstring for the dict shape."""
+        if self.kind == "img2dataset_tar":
+            yield from self._iter_tar(counts, with_images)
+        elif self.kind == "parquet":
+            yield from self._iter_parquet(counts, with_images)
+        elif self.kind == "jsonl":
+            yield from self._iter_jsonl(counts, with_images)
+        else:
+            raise ValueError(f"unknown shard kind {self.kind!r}")
+
+    # -- img2dataset webdataset mode -------------------------------------------------
+    def _iter_tar(self, counts: StageCounts, with_images: bool) -> Iterator[dict[str, Any]]:
+        wanted = frozenset(("txt", "json") + (IMAGE_EXTENSIONS if with_images else ()))
+        for index, (member_key, group) in enumerate(iter_tar_groups(self.path, counts, wanted)):
+            counts.read += 1
+            where = f"{self.path} key {member_key}"
+            meta: dict[str, Any] = {}
+            if group.get("json") is not None:
+                try:
+                    meta = json.loads(group["json"].decode("utf-8"))
+                    if not isinstance(meta, dict):
+                        raise ValueError("not a JSON object")
+                except (UnicodeDecodeError, ValueError) as exc:
+                    counts.skip("bad_json", where, str(exc))
+                    continue
+            if group.get("txt") is not None:
+                try:
+                    caption = group["txt"].decode("utf-8")
+                except UnicodeDecodeError:
+                    counts.skip("invalid_utf8", where)
+                    continue
+            else:
+                caption = meta.get(self.caption_field)
+            image = None
+            if with_images:
+                image = next((group[e] for e in IMAGE_EXTENSIONS if group.get(e)), None)
+            record = self._record(meta.get(self.key_field) or member_key, caption,
+                                  meta.get(self.url_field), meta.get("width"), meta.get("height"),
+                                  index, image, with_images, counts, where)
+            if record is not None:
+                yield record
+
+    # -- Parquet (img2dataset parquet mode, or any Parquet with a caption column) ----
+    def _iter_parquet(self, counts: StageCounts, with_images: bool) -> Iterator[dict[str, Any]]:
+        import pyarrow.parquet as pq
+
+        try:
+            pf = pq.ParquetFile(self.path)
+        except Exception as exc:   # pyarrow raises ArrowInvalid/OSError for a corrupt file
+            counts.skip("unreadable_parquet", self.path, str(exc))
+            return
+        names = set(pf.schema_arrow.names)
+        image_col = next((c for c in IMAGE_COLUMNS if c in names), None) if with_images else None
+        wanted = [c for c in (self.caption_field, self.key_field, self.url_field, "width",
+                              "height", "status", "image_path", image_col) if c and c in names]
+        index = 0
+        try:
+            for batch in pf.iter_batches(batch_size=1024, columns=wanted):
+                cols = batch.to_pydict()
+                for i in range(batch.num_rows):
+                    row = {c: cols[c][i] for c in wanted}
+                    counts.read += 1
+                    yield from self._row_record(row, index, image_col, with_images, counts)
+                    index += 1
+        except Exception as exc:   # a corrupt page mid-file: keep what was read
+            counts.skip("unreadable_parquet", self.path, f"at row {index}: {exc}")
+
+    # -- JSONL ------------------------------------------------------------------------
+    def _iter_jsonl(self, counts: StageCounts, with_images: bool) -> Iterator[dict[str, Any]]:
+        with open(self.path, "rb") as fh:
+            for index, line in enumerate(fh):
+                if not line.strip():
+                    continue
+                counts.read += 1
+                try:
+                    row = json.loads(line.decode("utf-8"))
+                    if not isinstance(row, dict):
+                        raise ValueError("not a JSON object")
+                except UnicodeDecodeError:
+                    counts.skip("invalid_utf8", f"{self.path} line {index + 1}")
+                    continue
+                except ValueError as exc:
+                    counts.skip("bad_json", f"{self.path} line {index + 1}", str(exc))
+                    continue
+                yield from self._row_record(row, index, None, with_images, counts)
+
+    # -- shared -------------------------------------------------------------------------
+    def _row_record(self, row: dict[str, Any], index: int, image_col: str | None,
+                    with_images: bool, counts: StageCounts) -> Iterator[dict[str, Any]]:
+        key = row.get(self.key_field)
+        key = str(key) if key not in (None, "") else f"{self.name}-{index:07d}"
+        where = f"{self.path} key {key}"
+        status = row.get("status")
+        if status is not None and status != "success":
+            counts.skip("download_failed", where, str(status))
+            return
+        image = None
+        if with_images:
+            if image_col is not None:
+                image = row.get(image_col)
+            elif row.get("image_path"):
+                image = self._read_image_path(str(row["image_path"]), counts, where)
+                if image is None:
+                    return
+        record = self._record(key, row.get(self.caption_field), row.get(self.url_field),
+                              row.get("width"), row.get("height"), index, image, with_images,
+                              counts, where)
+        if record is not None:
+            yield record
+
+    def _read_image_path(self, rel: str, counts: StageCounts, where: str) -> bytes | None:
+        path = Path(rel) if Path(rel).is_absolute() else Path(self.path).parent / rel
+        try:
+            return path.read_bytes()
+        except OSError:
+            counts.skip("missing_image", where, str(path))
+            return None
+
+    def _record(self, key: Any, caption: Any, url: Any, width: Any, height: Any, index: int,
+                image: bytes | None, with_images: bool, counts: StageCounts,
+                where: str) -> dict[str, Any] | None:
+        if isinstance(caption, bytes):
+            try:
+                caption = caption.decode("utf-8")
+            except UnicodeDecodeError:
+                counts.skip("invalid_utf8", where)
+                return None
+        if not isinstance(caption, str) or not caption.strip():
+            counts.skip("missing_caption", where)
+            return None
+        if with_images and not image:
+            counts.skip("missing_image", where)
+            return None
+        return {"key": str(key), "caption": caption, "url": None if url is None else str(url),
+                "width": _positive_int(width), "height": _positive_int(height),
+                "source_index": index, "image": bytes(image) if image else None}
+
+
+def _positive_int(v: Any) -> int | None:
+    try:
+        v = int(v)
+    except (TypeError, ValueError):
+        return None
+    return v if v > 0 else None
+
+
+def _is_stats_or_hidden(p: Path) -> bool:
+    return p.name.startswith((".", "_")) or p.stem.endswith("_stats")
+
+
+def _files_of(path: Path) -> list[tuple[Path, str]]:
+    """The shard files of one input path, with their kind."""
+    if path.is_file():
+        suffix = "".join(path.suffixes[-1:]).lower()
+        kind = {".tar": "img2dataset_tar", ".parquet": "parquet", ".jsonl": "jsonl"}.get(suffix)
+        if kind is None:
+            raise InputError(f"{path}: not a crawled shard (expected .tar, .parquet or .jsonl)")
+        return [(path, kind)]
+    files = sorted(p for p in path.iterdir() if p.is_file() and not _is_stats_or_hidden(p))
+    tar_stems = {p.stem for p in files if p.suffix == ".tar"}
+    out = []
+    for p in files:
+        if p.suffix == ".tar":
+            out.append((p, "img2dataset_tar"))
+        elif p.suffix == ".parquet" and p.stem not in tar_stems:   # beside a tar = its metadata
+            out.append((p, "parquet"))
+        elif p.suffix == ".jsonl":
+            out.append((p, "jsonl"))
+    return out
+
+
+def _check_columns(path: Path, caption_field: str) -> None:
+    """Fail early (exit 2) when a readable Parquet file lacks the caption column."""
+    import pyarrow.parquet as pq
+
+    try:
+        names = pq.read_schema(path).names
+    except Exception:
+        return   # unreadable: the shard counts it as a skip when read
+    if caption_field not in names:
+        raise InputError(f"{path}: no caption column {caption_field!r} (columns: {', '.join(names)}); "
+                         f"pass --caption-field")
+
+
+def discover_crawled_shards(inputs: list[str], caption_field: str = "caption", key_field: str = "key",
+                            url_field: str = "url") -> list[CrawledShard]:
+    """Every shard under ``inputs`` (files or folders), in a stable order.
+
+    Names are file stems ("00000"); when two inputs hold the same stem the parent
+    folder's name is prefixed ("laion_00000") so names stay unique. Raises
+    ``InputError`` for a missing path, a folder with no shard, or a Parquet file
+    without the caption column.
+    """
+    if not inputs:
+        raise InputError("no input paths given")
+    found: list[tuple[Path, str]] = []
+    for raw in inputs:
+        path = Path(raw)
+        if not path.exists():
+            raise InputError(f"{path}: no such file or folder")
+        files = _files_of(path)
+        if not files:
+            raise InputError(f"{path}: no crawled shards found (.tar, .parquet or .jsonl)")
+        found.extend(files)
+    for p, kind in found:
+        if kind == "parquet":
+            _check_columns(p, caption_field)
+    stems = [p.name.split(".")[0] for p, _ in found]
+    names = [s if stems.count(s) == 1 else f"{p.parent.name}_{s}" for s, (p, _) in zip(stems, found)]
+    seen: dict[str, int] = {}
+    unique = []
+    for n in names:   # same folder name twice: number them, in input order
+        seen[n] = seen.get(n, 0) + 1
+        unique.append(n if seen[n] == 1 and names.count(n) == 1 else f"{n}_{seen[n]}")
+    return [CrawledShard(name, str(p), kind, caption_field, key_field, url_field)
+            for name, (p, kind) in zip(unique, found)]
