@@ -1,0 +1,303 @@
+"""Evaluation of a grounding model: COCO detection AP (zero-shot, category names as the
+prompt) and phrase-grounding Recall@k (Flickr30K Entities protocol). No Ray.
+
+Boxes everywhere here are COCO ``[x, y, w, h]`` in original-image pixels, which is what
+``GLIP.ground`` returns and what pycocotools expects.
+
+Recall@k protocol (documented choice): a phrase counts as recalled at k when ANY of the
+model's k best boxes for it has IoU >= 0.5 with ANY of its ground-truth boxes (the
+"any-box" protocol of MDETR's ``FlickrEvaluator`` with ``merge_boxes=False``, which GLIP
+reports). ``merge_boxes=True`` instead compares against the union box of all the phrase's
+ground-truth boxes (the Flickr30K Entities "merged" protocol). Phrases without any ground
+truth box are not counted.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+
+from storage.errors import InputError
+from storage.skips import StageCounts
+
+log = logging.getLogger("glipctl.evaluate")
+
+COCO_STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+DEFAULT_KS = (1, 5, 10)
+MAX_DETS_PER_IMAGE = 100            # COCO's maxDets
+
+
+# ----------------------------------------------------------------------------- prompts
+
+def category_prompts(categories: Sequence[dict[str, Any]], max_tokens: int,
+                     count_tokens: Callable[[str], int] | None = None) -> list[tuple[str, list[tuple[int, int, int]]]]:
+    """Category names joined as "person. bicycle. car." split so each prompt fits ``max_tokens``.
+
+    Returns ``[(caption, [(start, end, category_id), ...]), ...]`` with character spans of each
+    name inside its caption (GLIP's LVIS evaluation runs several such prompts per image).
+    Delegates to ``storage.coco.category_prompts`` when that module provides it, so the
+    training and evaluation prompts are built by the same code.
+    """
+    try:
+        from storage.coco import category_prompts as storage_prompts
+    except ImportError:
+        storage_prompts = None
+    if storage_prompts is not None:
+        return storage_prompts(categories, max_tokens, count_tokens)
+    return _split_prompts(categories, max_tokens, count_tokens)
+
+
+def _split_prompts(categories, max_tokens, count_tokens):
+    count = count_tokens or (lambda text: len(text.split()) + text.count("."))
+    prompts: list[tuple[str, list[tuple[int, int, int]]]] = []
+    caption, spans = "", []
+    for cat in categories:
+        name = str(cat["name"]).replace("_", " ").strip()
+        piece = f"{name}."
+        candidate = f"{caption} {piece}" if caption else piece
+        if caption and count(candidate) > max_tokens:
+            prompts.append((caption, spans))
+            caption, spans, candidate = "", [], piece
+        if count(piece) > max_tokens:
+            raise InputError(f"category name {name!r} alone is longer than {max_tokens} tokens")
+        start = len(candidate) - len(piece)
+        spans.append((start, start + len(name), int(cat["id"])))
+        caption = candidate
+    if caption:
+        prompts.append((caption, spans))
+    return prompts
+
+
+def model_token_counter(model) -> Callable[[str], int] | None:
+    """Count tokens the way ``model`` will (its tokenizer, special tokens included)."""
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is None:
+        return None
+    return lambda text: len(tokenizer(text, add_special_tokens=True)["input_ids"])
+
+
+# ----------------------------------------------------------------------------- box math
+
+def iou_xywh(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pairwise IoU of ``a`` [N, 4] and ``b`` [M, 4], both xywh pixels -> [N, M]."""
+    a = np.asarray(a, dtype=np.float64).reshape(-1, 4)
+    b = np.asarray(b, dtype=np.float64).reshape(-1, 4)
+    ax1, ay1, ax2, ay2 = a[:, 0], a[:, 1], a[:, 0] + a[:, 2], a[:, 1] + a[:, 3]
+    bx1, by1, bx2, by2 = b[:, 0], b[:, 1], b[:, 0] + b[:, 2], b[:, 1] + b[:, 3]
+    iw = np.clip(np.minimum(ax2[:, None], bx2[None]) - np.maximum(ax1[:, None], bx1[None]), 0, None)
+    ih = np.clip(np.minimum(ay2[:, None], by2[None]) - np.maximum(ay1[:, None], by1[None]), 0, None)
+    inter = iw * ih
+    union = (a[:, 2] * a[:, 3])[:, None] + (b[:, 2] * b[:, 3])[None] - inter
+    return np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
+
+
+def merge_xywh(boxes: Sequence[Sequence[float]]) -> list[float]:
+    """The smallest xywh box enclosing all ``boxes``."""
+    arr = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    x1, y1 = arr[:, 0].min(), arr[:, 1].min()
+    x2, y2 = (arr[:, 0] + arr[:, 2]).max(), (arr[:, 1] + arr[:, 3]).max()
+    return [float(x1), float(y1), float(x2 - x1), float(y2 - y1)]
+
+
+# ----------------------------------------------------------------------------- metrics
+
+def coco_metrics(coco_gt, detections: list[dict[str, Any]], image_ids: Iterable[int] | None = None) -> dict[str, Any]:
+    """COCOeval bbox metrics for ``detections`` (COCO result dicts: image_id, category_id, bbox, score).
+
+    ``coco_gt`` is a ``pycocotools.coco.COCO`` or a path to the annotation JSON. Returns AP, AP50,
+    AP75, APs, APm, APl (fractions in [0, 1]; -1 where COCO has nothing to measure) and
+    ``per_category``: {category name: AP}. With no detections at all every AP is 0.
+    """
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    if not isinstance(coco_gt, COCO):
+        with contextlib.redirect_stdout(io.StringIO()):
+            coco_gt = COCO(str(coco_gt))
+    ids = sorted(coco_gt.getImgIds() if image_ids is None else set(image_ids))
+    names = {c["id"]: c["name"] for c in coco_gt.loadCats(coco_gt.getCatIds())}
+    if not detections:
+        return {**{k: 0.0 for k in COCO_STAT_NAMES}, "per_category": {n: 0.0 for n in names.values()},
+                "images": len(ids), "detections": 0}
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_dt = coco_gt.loadRes([dict(d) for d in detections])
+        ev = COCOeval(coco_gt, coco_dt, iouType="bbox")
+        ev.params.imgIds = ids
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    out: dict[str, Any] = {k: float(v) for k, v in zip(COCO_STAT_NAMES, ev.stats[:6])}
+    # precision: [T IoU thresholds, R recall points, K categories, A areas, M maxDets]
+    precision = ev.eval["precision"]
+    per_cat = {}
+    for k, cat_id in enumerate(ev.params.catIds):
+        p = precision[:, :, k, 0, -1]
+        p = p[p > -1]
+        per_cat[names[cat_id]] = float(p.mean()) if p.size else -1.0
+    out["per_category"] = per_cat
+    out["images"] = len(ids)
+    out["detections"] = len(detections)
+    return out
+
+
+def recall_at_k(predictions: list[list[list[float]]], ground_truth: list[list[list[float]]],
+                ks: Sequence[int] = DEFAULT_KS, iou_threshold: float = 0.5,
+                merge_boxes: bool = False) -> dict[str, Any]:
+    """Recall@k over phrases.
+
+    ``predictions[i]`` is phrase i's predicted boxes (xywh, best first); ``ground_truth[i]`` its
+    gold boxes (xywh). See the module docstring for the any-box / merged protocols.
+    Returns ``{"R@1": .., "R@5": .., "R@10": .., "phrases": n}``.
+    """
+    hits = {k: 0 for k in ks}
+    counted = 0
+    for preds, gts in zip(predictions, ground_truth):
+        if not gts:
+            continue
+        counted += 1
+        gt = [merge_xywh(gts)] if merge_boxes else gts
+        if not preds:
+            continue
+        ious = iou_xywh(np.asarray(preds[:max(ks)]), np.asarray(gt)).max(axis=1)
+        first_hit = next((r for r, v in enumerate(ious) if v >= iou_threshold), None)
+        for k in ks:
+            if first_hit is not None and first_hit < k:
+                hits[k] += 1
+    out: dict[str, Any] = {f"R@{k}": (hits[k] / counted if counted else 0.0) for k in ks}
+    out["phrases"] = counted
+    return out
+
+
+# ----------------------------------------------------------------------------- model runs
+
+def _open_rgb(path: Path, counts: StageCounts):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (FileNotFoundError, UnidentifiedImageError, OSError) as exc:
+        counts.skip("unreadable_image", str(path), repr(exc))
+        return None
+
+
+def _batches(items: list, size: int) -> Iterable[list]:
+    for i in range(0, len(items), max(1, size)):
+        yield items[i:i + size]
+
+
+def detect_coco(model, ann_json: str | Path, image_root: str | Path, *, batch_size: int = 8,
+                threshold: float = 0.0, max_tokens: int | None = None, counts: StageCounts | None = None,
+                progress: Callable[[int], None] | None = None) -> tuple[list[dict[str, Any]], list[int], Any]:
+    """Zero-shot detection of every COCO category on every image of ``ann_json``.
+
+    Each image is grounded against every category prompt (category names split over the
+    model's token limit); each category's span yields scored boxes that become COCO results.
+    Returns (detections, evaluated image ids, the COCO ground truth object).
+    """
+    from pycocotools.coco import COCO
+
+    counts = counts if counts is not None else StageCounts()
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            coco_gt = COCO(str(ann_json))
+    except (OSError, ValueError, KeyError) as exc:
+        raise InputError(f"{ann_json}: not a readable COCO annotation file ({exc})") from exc
+    if not coco_gt.getCatIds():
+        raise InputError(f"{ann_json}: no categories")
+    categories = coco_gt.loadCats(sorted(coco_gt.getCatIds()))
+    limit = max_tokens or int(getattr(getattr(model, "config", None), "max_query_len", 256))
+    prompts = category_prompts(categories, limit, model_token_counter(model))
+    image_infos = coco_gt.loadImgs(sorted(coco_gt.getImgIds()))
+    detections: list[dict[str, Any]] = []
+    evaluated: list[int] = []
+    for batch in _batches(image_infos, batch_size):
+        images, infos = [], []
+        for info in batch:
+            counts.read += 1
+            img = _open_rgb(Path(image_root) / info["file_name"], counts)
+            if img is not None:
+                images.append(img)
+                infos.append(info)
+        if not images:
+            continue
+        per_image: list[list[dict[str, Any]]] = [[] for _ in images]
+        for caption, spans in prompts:
+            results = model.ground(images, [caption] * len(images), [[(s, e) for s, e, _ in spans]] * len(images),
+                                   threshold=threshold)
+            for i, per_phrase in enumerate(results):
+                for (_, _, cat_id), boxes in zip(spans, per_phrase):
+                    for b in boxes:
+                        per_image[i].append({"image_id": int(infos[i]["id"]), "category_id": cat_id,
+                                             "bbox": [float(v) for v in b["bbox"]], "score": float(b["score"])})
+        for info, dets in zip(infos, per_image):
+            dets.sort(key=lambda d: -d["score"])
+            detections.extend(dets[:MAX_DETS_PER_IMAGE])
+            evaluated.append(int(info["id"]))
+            counts.written += 1
+        if progress:
+            progress(len(batch))
+    return detections, evaluated, coco_gt
+
+
+def evaluate_coco(model, ann_json: str | Path, image_root: str | Path, **kwargs) -> dict[str, Any]:
+    """``detect_coco`` + ``coco_metrics``: the numbers ``glipctl evaluate --coco`` reports."""
+    counts = kwargs.pop("counts", None) or StageCounts()
+    detections, evaluated, coco_gt = detect_coco(model, ann_json, image_root, counts=counts, **kwargs)
+    if not evaluated:
+        raise InputError(f"{ann_json}: none of its images could be read under {image_root}")
+    metrics = coco_metrics(coco_gt, detections, evaluated)
+    metrics["counts"] = counts.to_dict()
+    return metrics
+
+
+def evaluate_grounding(model, ann_json: str | Path, image_root: str | Path, *, batch_size: int = 8,
+                       ks: Sequence[int] = DEFAULT_KS, merge_boxes: bool = False,
+                       counts: StageCounts | None = None,
+                       progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Recall@k on MDETR/GoldG data: each caption's phrases (the spans of its gold boxes)
+    are grounded with the whole caption as the prompt; see ``recall_at_k`` for the protocol."""
+    from storage.goldg import load_mdetr
+
+    counts = counts if counts is not None else StageCounts()
+    samples = list(load_mdetr(ann_json, image_root, counts))
+    if not samples:
+        raise InputError(f"{ann_json}: no usable grounding samples")
+    predictions: list[list[list[float]]] = []
+    ground_truth: list[list[list[float]]] = []
+    for batch in _batches(samples, batch_size):
+        images, captions, spans, gts = [], [], [], []
+        for s in batch:
+            img = _open_rgb(Path(s.extra["image_path"]), counts)
+            if img is None:
+                continue
+            # one phrase per distinct gold span set; its gold boxes are all boxes sharing it
+            groups: dict[tuple, list[list[float]]] = {}
+            for b in s.boxes:
+                groups.setdefault(tuple(tuple(t) for t in b.tokens_positive), []).append(list(b.bbox))
+            if not groups:
+                continue
+            images.append(img)
+            captions.append(s.caption)
+            # a phrase of several spans is grounded from its first to its last character
+            spans.append([(min(t[0] for t in key), max(t[1] for t in key)) for key in groups])
+            gts.append(list(groups.values()))
+        if not images:
+            continue
+        results = model.ground(images, captions, spans, threshold=0.0, max_per_phrase=max(ks))
+        for per_phrase, gt in zip(results, gts):
+            for boxes, gold in zip(per_phrase, gt):
+                predictions.append([list(b["bbox"]) for b in boxes])
+                ground_truth.append(gold)
+            counts.written += 1
+        if progress:
+            progress(len(batch))
+    out = recall_at_k(predictions, ground_truth, ks=ks, merge_boxes=merge_boxes)
+    out["protocol"] = "merged-box" if merge_boxes else "any-box"
+    out["images"] = counts.written
+    out["counts"] = counts.to_dict()
+    return out
