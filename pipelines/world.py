@@ -51,13 +51,13 @@ CRAWLED_TEMPLATES = (
     "{a}",
     "photo of {a}",
     "{a} on a plain background, {noise}",
-    "IMG_{n} {a}",
+    "IMG_{n}.JPG: {a}",
     "Check out {a} and {b} in {noise}!!",
-    "{a} with {b} | stock photos and vectors",
-    "best {a} wallpaper for {noise}",
-    "{a} sticker - {noise}",
+    "stock photo: {a} and {b}",
+    "{bare} wallpaper for {noise}",
+    "{bare} sticker, {noise}",
     "{a} next to {b}",
-    "cute {a} and {b}, {noise}",
+    "cute {bare} and {b} for {noise}",
 )
 
 
@@ -306,7 +306,8 @@ def crawled_caption(objects: list[WorldObject], rng: np.random.Generator, spec: 
         names = names[:1]
     templates = [t for t in CRAWLED_TEMPLATES if ("{b}" in t) == (len(names) > 1)]
     template = str(rng.choice(templates))
-    text = template.format(a=names[0], b=names[1] if len(names) > 1 else "",
+    bare = names[0].split(" ", 1)[1]      # without its article: "red star sticker"
+    text = template.format(a=names[0], bare=bare, b=names[1] if len(names) > 1 else "",
                            noise=str(rng.choice(NOISE_PHRASES)), n=int(rng.integers(1000, 9999)))
     if len(names) > 2:
         text += f", {names[2]}"
