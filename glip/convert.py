@@ -4,11 +4,11 @@ An official file holds ``{"model": {"module.<key>": tensor}, ...}`` (saved DDP-w
 ``optimizer``, ``scheduler`` may sit beside it) or a bare state dict. Its keys follow the official module tree:
 
 - ``backbone.body.*``: the Microsoft Swin layout (``patch_embed``, ``layers.N.blocks.M``, ``layers.N.downsample``
-  at the END of stage N, output norms ``norm1..3`` for stages 2-4). Ours is torchvision's ``SwinTransformer``
-  (``features.0`` = patch embedding, ``features.2N+1`` = stage N's blocks, ``features.2N+2`` = the patch merging
-  that follows it), so Swin keys are renamed, and the relative position index is flattened.
-- ``backbone.fpn.*``, ``language_backbone.body.model.*`` (a HF ``BertModel``), ``rpn.head.*`` (the VL DyHead):
-  the names are mirrored by our modules; only prefixes change.
+  at the END of stage N, output norms ``norm1..3`` for stages 2-4). Ours keeps that tree but is built from
+  torchvision's ``SwinTransformerBlock`` / ``PatchMerging``: the block MLP is ``mlp.0`` / ``mlp.3`` (official
+  ``mlp.fc1`` / ``mlp.fc2``) and the relative position index is stored flattened ([W^4] instead of [W^2, W^2]).
+- ``backbone.fpn.*``, ``language_backbone.body.model.*`` (a HF ``BertModel``, ours ``language_backbone.model.*``),
+  ``rpn.head.*`` (the VL DyHead, ours ``head.*``): the names are mirrored by our modules; only prefixes change.
 
 Every official key ends in exactly one bucket of the :class:`ConversionReport`: consumed (copied), ignored
 (known and deliberately unused, with the reason, e.g. the BERT pooler), or an error (no place for it, or a shape
@@ -35,13 +35,11 @@ PRESET_BY_EMBED_DIM = {96: "glip-t", 192: "glip-l"}
 # The head of the official model sits under ``rpn.head``; ours is ``head``.
 PREFIX_MAP = (
     ("backbone.fpn.", "backbone.fpn."),
-    ("language_backbone.body.model.", "language_backbone.body.model."),
+    ("language_backbone.body.model.", "language_backbone.model."),
     ("rpn.head.", "head."),
 )
 SWIN_OFFICIAL_PREFIX = "backbone.body."
 SWIN_OUR_PREFIX = "backbone.body."
-SWIN_OUR_FEATURES = "features."           # torchvision SwinTransformer.features
-SWIN_OUR_OUTPUT_NORM = "norm{}."          # per-output LayerNorms of stages 2-4 (official norm1..norm3)
 
 # Official keys that are known and deliberately not copied. A check may still refuse them (see _check_ignored).
 IGNORED = (
@@ -162,40 +160,24 @@ def detect_preset(state_dict: Mapping[str, torch.Tensor], source: str = "checkpo
 
 # ----------------------------------------------------------------------------------------------- key mapping
 
-_SWIN_BLOCK = re.compile(r"^layers\.(\d+)\.blocks\.(\d+)\.(.+)$")
-_SWIN_DOWN = re.compile(r"^layers\.(\d+)\.downsample\.(.+)$")
-_SWIN_OUT_NORM = re.compile(r"^norm(\d+)\.(.+)$")
-_SWIN_BLOCK_RENAMES = {"mlp.fc1.": "mlp.0.", "mlp.fc2.": "mlp.3."}  # torchvision MLP: Linear, GELU, Drop, Linear
+_SWIN_RENAMES = (  # torchvision's SwinTransformerBlock MLP is Sequential(Linear, GELU, Dropout, Linear, Dropout)
+    (re.compile(r"^(layers\.\d+\.blocks\.\d+\.mlp\.)fc1\."), r"\g<1>0."),
+    (re.compile(r"^(layers\.\d+\.blocks\.\d+\.mlp\.)fc2\."), r"\g<1>3."),
+)
 
 
-def _swin_key(rest: str) -> str | None:
-    """Official Swin key (after ``backbone.body.``) -> our key (after the Swin prefix), or None."""
-    f = SWIN_OUR_FEATURES
-    if rest.startswith("patch_embed.proj."):
-        return f"{f}0.0." + rest[len("patch_embed.proj."):]
-    if rest.startswith("patch_embed.norm."):
-        return f"{f}0.2." + rest[len("patch_embed.norm."):]
-    m = _SWIN_BLOCK.match(rest)
-    if m:
-        stage, block, sub = int(m[1]), int(m[2]), m[3]
-        for old, new in _SWIN_BLOCK_RENAMES.items():
-            if sub.startswith(old):
-                sub = new + sub[len(old):]
-        return f"{f}{2 * stage + 1}.{block}.{sub}"
-    m = _SWIN_DOWN.match(rest)
-    if m:
-        return f"{f}{2 * int(m[1]) + 2}.{m[2]}"
-    m = _SWIN_OUT_NORM.match(rest)
-    if m:
-        return SWIN_OUR_OUTPUT_NORM.format(m[1]) + m[2]
-    return None
+def _swin_key(rest: str) -> str:
+    """Official Swin key (after ``backbone.body.``) -> ours: the same tree (``patch_embed``, ``layers.N.blocks.M``,
+    ``layers.N.downsample``, ``norm1..3``) built from torchvision blocks, whose MLP layers are numbered."""
+    for pattern, replacement in _SWIN_RENAMES:
+        rest = pattern.sub(replacement, rest)
+    return rest
 
 
 def official_to_ours(key: str) -> str | None:
     """Our state-dict key for an official key (``module.`` already stripped), or None when it has no place."""
     if key.startswith(SWIN_OFFICIAL_PREFIX):
-        ours = _swin_key(key[len(SWIN_OFFICIAL_PREFIX):])
-        return None if ours is None else SWIN_OUR_PREFIX + ours
+        return SWIN_OUR_PREFIX + _swin_key(key[len(SWIN_OFFICIAL_PREFIX):])
     for official_prefix, our_prefix in PREFIX_MAP:
         if key.startswith(official_prefix):
             return our_prefix + key[len(official_prefix):]
