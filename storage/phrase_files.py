@@ -62,3 +62,14 @@ def iter_phrase_rows(path: str | Path, batch_size: int = 2048) -> Iterator[dict[
     pf = pq.ParquetFile(path)
     for batch in pf.iter_batches(batch_size=batch_size):
         yield from batch.to_pylist()
+
+
+def write_phrase_table(path: str | Path, table: pa.Table) -> None:
+    """Write an Arrow table already in PHRASE_SCHEMA to ``path`` atomically.
+
+    The columnar twin of ``write_phrase_file`` for producers that hold Arrow batches
+    (parse-captions): no round trip through Python dicts.
+    """
+    table = table.select(PHRASE_SCHEMA.names).cast(PHRASE_SCHEMA)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
