@@ -1,0 +1,176 @@
+"""COCO detection JSON as grounding samples, and back.
+
+GLIP's unification: a detection image becomes a grounding sample whose caption
+lists category names, ``"person. bicycle. car."``; each name is a phrase and each
+box grounds the span of its category's name. When all the names do not fit the
+text encoder's token limit they are split over several prompts, and the image
+yields one sample per prompt that has at least one of its boxes.
+
+Boxes stay COCO ``[x, y, w, h]`` in pixels. ``extra`` carries ``image_path``,
+``image_id``, ``file_name`` and ``category_ids`` (one per phrase, aligned with
+``phrases``). Crowd boxes (``iscrowd=1``) are dropped and counted, as GLIP does.
+"""
+from __future__ import annotations
+
+import math
+import re
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+from storage.atomic import write_json_atomic
+from storage.goldg import check_image_root, count_orphan_annotations, load_coco_api
+from storage.records import Box, GroundedSample, Phrase
+from storage.shards import validated
+from storage.skips import StageCounts
+
+SEPARATOR = ". "
+_PIECES = re.compile(r"[A-Za-z0-9]+|[^\sA-Za-z0-9]")
+
+
+def estimate_tokens(text: str) -> int:
+    """A conservative WordPiece count for ``text``, [CLS] and [SEP] included.
+
+    Each punctuation mark is one token and each word at most one piece per 4
+    characters (real BERT vocabularies hold most category words whole), so the
+    estimate errs high: a prompt that fits by this count fits the real tokenizer.
+    """
+    return 2 + sum(1 if not p[0].isalnum() else max(1, math.ceil(len(p) / 4)) for p in _PIECES.findall(text))
+
+
+def category_name(category: dict[str, Any]) -> str:
+    """The text of a category: LVIS-style ``aerosol_can`` reads as ``aerosol can``."""
+    return str(category["name"]).replace("_", " ").strip()
+
+
+def category_prompts(categories: list[dict[str, Any]], max_tokens: int = 256,
+                     count_tokens: Callable[[str], int] | None = None
+                     ) -> list[tuple[str, list[tuple[int, int, int]]]]:
+    """Pack category names into as few prompts as fit ``max_tokens``.
+
+    Returns ``[(caption, [(start, end, category_id), ...]), ...]`` with character spans
+    into ``caption`` (end exclusive). Names keep the categories' order (by id). A single
+    name longer than the limit gets a prompt of its own (the model truncates it).
+    ``count_tokens(text) -> int`` should include special tokens; default ``estimate_tokens``.
+    """
+    count = count_tokens or estimate_tokens
+    prompts: list[tuple[str, list[tuple[int, int, int]]]] = []
+    caption, spans = "", []
+    for cat in sorted(categories, key=lambda c: c["id"]):
+        name = category_name(cat)
+        if not name:
+            continue
+        start = len(caption) + (len(SEPARATOR) if caption else 0)
+        candidate = (caption + SEPARATOR if caption else "") + name
+        if caption and count(candidate + ".") > max_tokens:
+            prompts.append((caption + ".", spans))
+            caption, spans, start, candidate = "", [], 0, name
+        caption = candidate
+        spans.append((start, start + len(name), int(cat["id"])))
+    if caption:
+        prompts.append((caption + ".", spans))
+    return prompts
+
+
+def load_coco_detection(ann_json: str | Path, image_root: str | Path | None, counts: StageCounts,
+                        max_tokens: int = 256, count_tokens: Callable[[str], int] | None = None,
+                        name: str | None = None, check_images: bool = True) -> Iterator[GroundedSample]:
+    """Stream the grounding samples of a COCO detection file (see the module docstring).
+
+    ``name``: the dataset's name in ``source = "det/<name>"`` (default: the file stem).
+    Keys are ``"det/<name>/<image_id>/<prompt index>"``. Images without any usable box,
+    images missing on disk (``check_images``), orphan annotations and crowd boxes are
+    counted skips; a file that does not parse raises ``InputError``.
+    """
+    coco = load_coco_api(ann_json, counts)
+    root = check_image_root(image_root)
+    count_orphan_annotations(coco, counts, ann_json)
+    source = f"det/{name or Path(ann_json).stem}"
+    prompts = category_prompts(list(coco.cats.values()), max_tokens, count_tokens)
+    prompt_of = {cat_id: (p, j) for p, (_, spans) in enumerate(prompts)
+                 for j, (_, _, cat_id) in enumerate(spans)}
+    for img_id in sorted(coco.imgs):
+        img = coco.imgs[img_id]
+        counts.read += 1
+        where = f"{ann_json} image {img_id}"
+        file_name = str(img.get("file_name", ""))
+        if root is not None and check_images and not (root / file_name).is_file():
+            counts.skip("missing_image", where, str(root / file_name))
+            continue
+        by_prompt: dict[int, list[Box]] = defaultdict(list)
+        for ann in coco.imgToAnns.get(img_id, []):
+            if ann.get("iscrowd"):
+                counts.skip("box_iscrowd", where, f"annotation {ann.get('id')}")
+                continue
+            if ann.get("category_id") not in prompt_of:
+                counts.skip("box_unknown_category", where, f"annotation {ann.get('id')}")
+                continue
+            p, j = prompt_of[ann["category_id"]]
+            s, e, _ = prompts[p][1][j]
+            try:
+                bbox = [float(v) for v in ann.get("bbox") or []]
+            except (TypeError, ValueError):
+                bbox = []   # validation counts it as box_malformed
+            by_prompt[p].append(Box(bbox, [[s, e]], j, 1.0))
+        emitted = 0
+        for p in sorted(by_prompt):
+            caption, spans = prompts[p]
+            phrases = [Phrase(caption[s:e], s, e) for s, e, _ in spans]
+            extra = {"image_id": img_id, "file_name": file_name, "category_ids": [c for _, _, c in spans]}
+            if root is not None:
+                extra["image_path"] = str(root / file_name)
+            sample = GroundedSample(f"{source}/{img_id}/{p}", caption, int(img.get("width") or 0),
+                                    int(img.get("height") or 0), phrases, by_prompt[p], source, extra)
+            sample = validated(sample, counts, where)
+            if sample is not None and sample.boxes:
+                emitted += 1
+                yield sample
+        if not emitted:
+            counts.skip("no_boxes", where)
+
+
+def coco_detection_dict(samples: Iterable[GroundedSample],
+                        categories: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """A COCO detection object from grounding samples.
+
+    A box's category is ``extra["category_ids"][box.phrase]`` when the sample has it,
+    else the category whose name is the box's phrase text (categories are made from
+    the distinct phrase texts when ``categories`` is None). Samples sharing
+    ``extra["image_id"]`` (the prompts of one image) merge into one image entry.
+    Boxes with no category are left out.
+    """
+    samples = list(samples)
+    if categories is None:
+        names = sorted({s.phrases[b.phrase].text for s in samples for b in s.boxes
+                        if 0 <= b.phrase < len(s.phrases) and "category_ids" not in s.extra})
+        categories = [{"id": i + 1, "name": n, "supercategory": "object"} for i, n in enumerate(names)]
+    by_name = {category_name(c): int(c["id"]) for c in categories}
+    images: dict[Any, dict[str, Any]] = {}
+    annotations: list[dict[str, Any]] = []
+    for s in samples:
+        image_id = s.extra.get("image_id", len(images) + 1)
+        if image_id not in images:
+            file_name = s.extra.get("file_name") or (Path(s.extra["image_path"]).name
+                                                     if s.extra.get("image_path") else f"{image_id}.jpg")
+            images[image_id] = {"id": image_id, "file_name": file_name, "width": int(s.width),
+                                "height": int(s.height)}
+        for b in s.boxes:
+            if not 0 <= b.phrase < len(s.phrases):
+                continue
+            cat_ids = s.extra.get("category_ids")
+            cat = cat_ids[b.phrase] if cat_ids else by_name.get(s.phrases[b.phrase].text)
+            if cat is None:
+                continue
+            x, y, w, h = (float(v) for v in b.bbox)
+            ann = {"id": len(annotations) + 1, "image_id": image_id, "category_id": int(cat),
+                   "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0}
+            if b.score != 1.0:
+                ann["score"] = float(b.score)
+            annotations.append(ann)
+    return {"images": list(images.values()), "annotations": annotations, "categories": categories}
+
+
+def write_coco_detection(samples: Iterable[GroundedSample], path: str | Path,
+                         categories: list[dict[str, Any]] | None = None) -> None:
+    """Write ``samples`` as a COCO detection JSON file, atomically (see ``coco_detection_dict``)."""
+    write_json_atomic(path, coco_detection_dict(samples, categories))

