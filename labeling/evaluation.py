@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
+from storage.coco import category_prompts  # the same prompts training builds for detection data
 from storage.errors import InputError
 from storage.skips import StageCounts
 
@@ -32,45 +33,8 @@ MAX_DETS_PER_IMAGE = 100            # COCO's maxDets
 
 
 # ----------------------------------------------------------------------------- prompts
-
-def category_prompts(categories: Sequence[dict[str, Any]], max_tokens: int,
-                     count_tokens: Callable[[str], int] | None = None) -> list[tuple[str, list[tuple[int, int, int]]]]:
-    """Category names joined as "person. bicycle. car." split so each prompt fits ``max_tokens``.
-
-    Returns ``[(caption, [(start, end, category_id), ...]), ...]`` with character spans of each
-    name inside its caption (GLIP's LVIS evaluation runs several such prompts per image).
-    Delegates to ``storage.coco.category_prompts`` when that module provides it, so the
-    training and evaluation prompts are built by the same code.
-    """
-    try:
-        from storage.coco import category_prompts as storage_prompts
-    except ImportError:
-        storage_prompts = None
-    if storage_prompts is not None:
-        return storage_prompts(categories, max_tokens, count_tokens)
-    return _split_prompts(categories, max_tokens, count_tokens)
-
-
-def _split_prompts(categories, max_tokens, count_tokens):
-    count = count_tokens or (lambda text: len(text.split()) + text.count("."))
-    prompts: list[tuple[str, list[tuple[int, int, int]]]] = []
-    caption, spans = "", []
-    for cat in categories:
-        name = str(cat["name"]).replace("_", " ").strip()
-        piece = f"{name}."
-        candidate = f"{caption} {piece}" if caption else piece
-        if caption and count(candidate) > max_tokens:
-            prompts.append((caption, spans))
-            caption, spans, candidate = "", [], piece
-        if count(piece) > max_tokens:
-            raise InputError(f"category name {name!r} alone is longer than {max_tokens} tokens")
-        start = len(candidate) - len(piece)
-        spans.append((start, start + len(name), int(cat["id"])))
-        caption = candidate
-    if caption:
-        prompts.append((caption, spans))
-    return prompts
-
+# Category names are joined "circle. square. star." and split into several prompts over the
+# model's token limit, as GLIP does for LVIS: ``storage.coco.category_prompts``.
 
 def model_token_counter(model) -> Callable[[str], int] | None:
     """Count tokens the way ``model`` will (its tokenizer, special tokens included)."""
@@ -301,3 +265,23 @@ def evaluate_grounding(model, ann_json: str | Path, image_root: str | Path, *, b
     out["images"] = counts.written
     out["counts"] = counts.to_dict()
     return out
+
+
+def load_model(path: str | Path):
+    """A GLIP model in eval mode from a glipctl checkpoint directory or an official ``.pth``.
+
+    Raises InputError when ``path`` does not exist or cannot be loaded as a model.
+    """
+    import glip
+
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"--model {path}: no such checkpoint")
+    loader = getattr(glip, "load_teacher", None)
+    try:
+        model = loader(str(path)) if loader is not None else glip.GLIP.from_pretrained(str(path))
+    except InputError:
+        raise
+    except (OSError, ValueError, KeyError) as exc:
+        raise InputError(f"--model {path}: not a loadable GLIP checkpoint ({exc})") from exc
+    return model.eval()

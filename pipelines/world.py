@@ -318,36 +318,11 @@ def crawled_caption(objects: list[WorldObject], rng: np.random.Generator, spec: 
 
 # ----------------------------------------------------------------------------- writers
 
-def _mdetr_json(samples: list[GroundedSample], dataset_name: str) -> dict[str, Any]:
-    """MDETR/GoldG JSON (the layout of final_flickr_separateGT_train.json)."""
-    images, annotations = [], []
-    for image_id, s in enumerate(samples, start=1):
-        images.append({
-            "id": image_id, "file_name": s.extra["file_name"], "width": s.width, "height": s.height,
-            "caption": s.caption, "dataset_name": dataset_name, "original_img_id": image_id,
-            "sentence_id": 0, "tokens_negative": [[0, len(s.caption)]],
-            "tokens_positive_eval": [b.tokens_positive for b in s.boxes],
-        })
-        for b in s.boxes:
-            x, y, w, h = b.bbox
-            annotations.append({
-                "id": len(annotations) + 1, "image_id": image_id, "bbox": [x, y, w, h], "area": w * h,
-                "iscrowd": 0, "category_id": 1, "tokens_positive": b.tokens_positive,
-                "phrase_ids": b.phrase,
-            })
-    return {"images": images, "annotations": annotations,
-            "categories": [{"id": 1, "name": "object", "supercategory": "object"}]}
+def _write_mdetr(samples: list[GroundedSample], path: Path) -> None:
+    """MDETR/GoldG JSON through the storage writer (file names from ``extra["file_name"]``)."""
+    from storage.goldg import write_mdetr
 
-
-def _write_mdetr(samples: list[GroundedSample], path: Path, dataset_name: str) -> None:
-    try:   # the storage package's writer when it exists (one way to write each format)
-        from storage.goldg import write_mdetr
-    except ImportError:
-        write_mdetr = None
-    if write_mdetr is not None:
-        write_mdetr(samples, path)
-    else:
-        write_json_atomic(path, _mdetr_json(samples, dataset_name))
+    write_mdetr(samples, path)
 
 
 def _tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -420,7 +395,7 @@ def generate_world(out_dir: str | Path, spec: WorldSpec = WorldSpec()) -> WorldP
             fh.write(jpg)
         gold.append(_objects_to_sample(f"world/{i}/0", file_name, w, h, objects, "goldg/flickr"))
         _count_shapes(objects, summary["shapes"]["gold"])
-    _write_mdetr(gold, paths.gold_json, "flickr")
+    _write_mdetr(gold, paths.gold_json)
 
     # crawled: images + alt-text, no boxes (img2dataset keys: shard index then row, 9 digits)
     rng = np.random.default_rng([spec.seed, 2])
@@ -461,7 +436,7 @@ def generate_world(out_dir: str | Path, spec: WorldSpec = WorldSpec()) -> WorldP
         "images": coco_images, "annotations": coco_anns,
         "categories": [{"id": k + 1, "name": s, "supercategory": "shape"} for k, s in enumerate(SHAPES)],
     })
-    _write_mdetr(grounding, paths.eval_grounding_json, "flickr")
+    _write_mdetr(grounding, paths.eval_grounding_json)
 
     summary["images"] = {"gold": spec.gold_images, "crawled": spec.crawled_images, "eval": spec.eval_images}
     summary["rare_shapes"] = list(spec.rare_shapes)

@@ -1,7 +1,125 @@
-"""`glipctl evaluate`."""
-from pipelines.common import not_implemented
+"""`glipctl evaluate`: COCO detection AP (zero-shot, category names as the prompt) and
+phrase-grounding Recall@k of a checkpoint."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from storage.errors import InputError
 
 
-def main() -> None:
-    """Not implemented yet."""
-    not_implemented("evaluate")
+def evaluate_model(model_path: str | Path, coco: str | None = None, grounding: str | None = None, *,
+                   batch_size: int = 8, threshold: float = 0.0, merge_boxes: bool = False,
+                   model=None, show_progress: bool = True) -> dict[str, Any]:
+    """The numbers `glipctl evaluate` prints: ``{"model": path, "coco": {...}, "grounding": {...}}``.
+
+    ``coco`` / ``grounding`` are ``ANN.json=IMAGE_DIR``. ``model`` may pass an already loaded
+    model (the demo evaluates in-process).
+    """
+    from pipelines.training.options import AnnotatedImages
+    from labeling.evaluation import evaluate_coco, evaluate_grounding, load_model
+
+    if not coco and not grounding:
+        raise InputError("give --coco ANN.json=IMAGE_DIR or --grounding ANN.json=IMAGE_DIR")
+    if batch_size < 1:
+        raise InputError(f"--batch-size must be >= 1 (got {batch_size})")
+    coco_set = AnnotatedImages.parse(coco, "--coco") if coco else None
+    grounding_set = AnnotatedImages.parse(grounding, "--grounding") if grounding else None
+    net = model if model is not None else load_model(model_path)
+    report: dict[str, Any] = {"model": str(model_path)}
+    with _progress(show_progress) as advance:
+        if coco_set:
+            report["coco"] = evaluate_coco(net, coco_set.annotations, coco_set.image_root, batch_size=batch_size,
+                                           threshold=threshold, progress=advance("coco"))
+            report["coco"]["annotations"] = coco_set.annotations
+        if grounding_set:
+            report["grounding"] = evaluate_grounding(net, grounding_set.annotations, grounding_set.image_root,
+                                                     batch_size=batch_size, merge_boxes=merge_boxes,
+                                                     progress=advance("grounding"))
+            report["grounding"]["annotations"] = grounding_set.annotations
+    return report
+
+
+class _progress:
+    """A rich progress bar per evaluation (images/s), or nothing."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.bar = None
+
+    def __enter__(self):
+        if self.enabled:
+            from rich.progress import Progress
+
+            from pipelines.common import console
+            self.bar = Progress(console=console, transient=True)
+            self.bar.__enter__()
+
+        def advance(name: str):
+            if self.bar is None:
+                return None
+            task = self.bar.add_task(f"evaluate {name}", total=None)
+            return lambda n: self.bar.advance(task, n)
+        return advance
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+
+
+def metrics_table(report: dict[str, Any]):
+    """A rich Table of the report's numbers (AP in percent, as COCO papers print them)."""
+    from rich.table import Table
+
+    table = Table(title=f"evaluation of {report.get('model', '')}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    coco = report.get("coco")
+    if coco:
+        for name in ("AP", "AP50", "AP75", "APs", "APm", "APl"):
+            table.add_row(f"COCO {name}", _pct(coco[name]))
+        for cat, ap in coco["per_category"].items():
+            table.add_row(f"  AP {cat}", _pct(ap))
+        table.add_row("images", str(coco["images"]))
+    ground = report.get("grounding")
+    if ground:
+        for name in ("R@1", "R@5", "R@10"):
+            table.add_row(f"grounding {name} ({ground['protocol']})", _pct(ground[name]))
+        table.add_row("phrases", str(ground["phrases"]))
+    return table
+
+
+def _pct(v: float) -> str:
+    return "n/a" if v is None or v < 0 else f"{100 * v:.1f}"
+
+
+def main(
+    model: Annotated[Path, typer.Option("--model", help="Checkpoint directory (train-student, convert-official) "
+                                                        "or an official GLIP .pth.")],
+    coco: Annotated[str | None, typer.Option("--coco", help="COCO detection set ANN.json=IMAGE_DIR: zero-shot "
+                                             "detection with the category names as the prompt (split over "
+                                             "the token limit); COCOeval AP, AP50, AP75, APs/m/l.")] = None,
+    grounding: Annotated[str | None, typer.Option("--grounding", help="MDETR/GoldG set ANN.json=IMAGE_DIR: "
+                                                  "Recall@1/5/10 at IoU 0.5 (any-box protocol).")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Write the same numbers (and per-category AP) "
+                                             "to this JSON file.")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")] = 8,
+    threshold: Annotated[float, typer.Option("--threshold", help="Drop detections scoring below this before "
+                                             "COCOeval (0 keeps the best 100 per image, as COCO "
+                                             "expects).")] = 0.0,
+    merge_boxes: Annotated[bool, typer.Option("--merge-boxes", help="Grounding: compare against the union of a "
+                                              "phrase's gold boxes (Flickr30K 'merged' protocol) instead of "
+                                              "any one of them.")] = False,
+) -> None:
+    """Evaluate a checkpoint: COCO AP (zero-shot detection) and/or grounding Recall@k."""
+    from rich.console import Console
+
+    from storage.atomic import write_json_atomic
+
+    report = evaluate_model(model, coco, grounding, batch_size=batch_size, threshold=threshold,
+                            merge_boxes=merge_boxes)
+    Console().print(metrics_table(report))
+    if out is not None:
+        write_json_atomic(out, report)

@@ -1,7 +1,127 @@
-"""`glipctl predict`."""
-from pipelines.common import not_implemented
+"""`glipctl predict`: ground a prompt's phrases in a few images; print the boxes, draw them."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from storage.errors import InputError
 
 
-def main() -> None:
-    """Not implemented yet."""
-    not_implemented("predict")
+def phrase_spans(prompt: str, phrases: str, spacy_model: str | None = None) -> list[tuple[int, int]]:
+    """Character spans of the phrases to ground in ``prompt``.
+
+    ``phrases`` is ``"auto"`` (spaCy noun phrases, the same extractor as parse-captions; the
+    whole prompt when it has none) or ``"text;text;..."``: each text found in the prompt,
+    searching left to right from the end of the previous one.
+    """
+    if not prompt.strip():
+        raise InputError("--prompt is empty")
+    if phrases.strip() == "auto":
+        from labeling.phrases import DEFAULT_SPACY_MODEL, PhraseExtractor, load_spacy
+
+        found = PhraseExtractor(load_spacy(spacy_model or DEFAULT_SPACY_MODEL)).extract(prompt)
+        spans = [(int(p["start"]), int(p["end"])) for p in found]
+        return spans or [(0, len(prompt))]
+    spans, cursor = [], 0
+    for text in (t.strip() for t in phrases.split(";")):
+        if not text:
+            continue
+        start = prompt.find(text, cursor)
+        if start < 0:
+            start = prompt.find(text)
+        if start < 0:
+            raise InputError(f"--phrases: {text!r} does not occur in the prompt {prompt!r}")
+        spans.append((start, start + len(text)))
+        cursor = start + len(text)
+    if not spans:
+        raise InputError("--phrases names no phrase")
+    return spans
+
+
+def predict_images(model, paths: list[Path], prompt: str, spans: list[tuple[int, int]],
+                   threshold: float | None, max_per_phrase: int | None = None) -> list[dict[str, Any]]:
+    """Ground ``spans`` of ``prompt`` in each image. Returns, per image,
+    ``{"image": path, "width", "height", "boxes": [{"phrase", "span", "bbox" (xywh px), "score"}]}``."""
+    from PIL import Image, UnidentifiedImageError
+
+    images = []
+    for p in paths:
+        try:
+            with Image.open(p) as im:
+                images.append(im.convert("RGB"))
+        except (OSError, UnidentifiedImageError) as exc:
+            raise InputError(f"{p}: not a readable image ({exc})") from None
+    results = model.ground(images, [prompt] * len(images), [spans] * len(images), threshold=threshold,
+                           max_per_phrase=max_per_phrase)
+    out = []
+    for path, img, per_phrase in zip(paths, images, results):
+        boxes = []
+        for k, ((s, e), dets) in enumerate(zip(spans, per_phrase)):
+            for d in dets:
+                boxes.append({"phrase": prompt[s:e], "phrase_index": k, "span": [s, e],
+                              "bbox": [round(float(v), 2) for v in d["bbox"]], "score": round(float(d["score"]), 4)})
+        out.append({"image": str(path), "width": img.width, "height": img.height, "boxes": boxes, "_pil": img})
+    return out
+
+
+def main(
+    images: Annotated[list[Path], typer.Argument(help="Image files (JPEG, PNG, ...).")],
+    model: Annotated[Path, typer.Option("--model", help="Checkpoint directory (train-student, convert-official) "
+                                                        "or an official GLIP .pth.")],
+    prompt: Annotated[str, typer.Option("--prompt", help="The text the model reads, e.g. 'a red star and a "
+                                                         "blue circle'.")],
+    phrases: Annotated[str, typer.Option("--phrases", help="'auto': spaCy noun phrases of the prompt (as "
+                                                           "parse-captions); or phrases to ground separated by "
+                                                           "';', each a substring of the prompt.")] = "auto",
+    threshold: Annotated[float | None, typer.Option("--threshold", help="Keep boxes scoring at least this "
+                                                    "(default: the model's score_threshold).")] = None,
+    max_per_phrase: Annotated[int, typer.Option("--max-per-phrase", help="At most this many boxes per "
+                                                "phrase, best first.")] = 3,
+    out: Annotated[Path, typer.Option("--out", help="Folder for one PNG per image with the boxes and "
+                                                    "phrase labels drawn, and predictions.json.")] = Path("predictions"),
+    spacy_model: Annotated[str | None, typer.Option("--spacy-model", help="spaCy pipeline for --phrases auto "
+                                                    "(installed name or path).")] = None,
+) -> None:
+    """Ground the phrases of a prompt in images: print the boxes and write PNGs with them drawn."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from labeling.evaluation import load_model
+    from pipelines.drawing import draw_boxes
+    from storage.atomic import atomic_write, write_json_atomic
+
+    for p in images:
+        if not p.is_file():
+            raise InputError(f"{p}: no such image")
+    spans = phrase_spans(prompt, phrases, spacy_model)
+    net = load_model(model)
+    results = predict_images(net, images, prompt, spans, threshold, max_per_phrase)
+
+    stdout = Console()
+    table = Table(title=f"predictions for {prompt!r}")
+    for col in ("image", "phrase", "score", "box x,y,w,h (px)"):
+        table.add_column(col)
+    out.mkdir(parents=True, exist_ok=True)
+    used: set[str] = set()
+    for r in results:
+        pil = r.pop("_pil")
+        for b in r["boxes"]:
+            table.add_row(Path(r["image"]).name, b["phrase"], f"{b['score']:.3f}", ", ".join(f"{v:.0f}" for v in b["bbox"]))
+        if not r["boxes"]:
+            table.add_row(Path(r["image"]).name, "(no box above the threshold)", "", "")
+        drawn = draw_boxes(pil, [{"bbox": b["bbox"], "label": b["phrase"], "score": b["score"],
+                                  "colour": b["phrase_index"]} for b in r["boxes"]],
+                           scale=max(1, 384 // max(pil.width, pil.height)))
+        name = Path(r["image"]).stem
+        while name in used:                         # two inputs with one stem: keep both
+            name += "_"
+        used.add(name)
+        r["png"] = str(out / f"{name}.png")
+        with atomic_write(r["png"]) as fh:
+            drawn.save(fh, format="PNG")
+    stdout.print(table)
+    write_json_atomic(out / "predictions.json", {"prompt": prompt, "phrases": [prompt[s:e] for s, e in spans],
+                                                 "threshold": threshold, "images": results})
+    stdout.print(f"wrote {len(results)} PNG(s) and predictions.json to {out}")

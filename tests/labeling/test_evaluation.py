@@ -6,7 +6,7 @@ import json
 import pytest
 from PIL import Image
 
-from labeling.evaluation import (_split_prompts, category_prompts, coco_metrics, detect_coco, iou_xywh,
+from labeling.evaluation import (category_prompts, coco_metrics, detect_coco, iou_xywh,
                                  recall_at_k)
 
 CATS = [{"id": 1, "name": "circle"}, {"id": 2, "name": "square"}, {"id": 5, "name": "traffic_light"}]
@@ -79,7 +79,7 @@ def test_detect_coco_maps_spans_to_categories_across_split_prompts(coco_set, tmp
     for k, size in zip((1, 2, 3), (100, 110, 120)):
         Image.new("RGB", (size, 90)).save(tmp_path / f"im{k}.jpg")
     oracle = OracleGrounder(anns, {(100, 90): 1, (110, 90): 2, (120, 90): 3})
-    # a 3-token limit (word-count fallback: "circle." = 2) forces one prompt per category
+    # a 3-token limit is below any name's count: one prompt per category
     detections, evaluated, gt = detect_coco(oracle, path, tmp_path, batch_size=2, max_tokens=3)
     assert sorted(evaluated) == [1, 2, 3]
     assert len(set(oracle.prompts)) == 3
@@ -98,7 +98,7 @@ def test_prompt_splitting_over_the_limit():
             assert caption[s:e] == f"thing{cat_id} name"
             seen.append(cat_id)
     assert seen == list(range(1, 11))
-    one = _split_prompts(CATS, 256, None)
+    one = category_prompts(CATS, 256)
     assert one == [("circle. square. traffic light.", [(0, 6, 1), (8, 14, 2), (16, 29, 5)])]
 
 
