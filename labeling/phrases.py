@@ -63,8 +63,8 @@ def clean_caption(text: Any, max_chars: int = DEFAULT_MAX_CAPTION_CHARS,
     """Clean one caption: ``(clean_text, None)``, or ``(None, reason)`` when it must be skipped.
 
     Steps, in order: HTML entities unescaped (twice, for double-escaped alt-text); HTML tags
-    and comments replaced by a space; control and zero-width characters removed (tab and
-    newline become spaces); whitespace runs collapsed to one space and the ends stripped;
+    and comments replaced by a space; control and zero-width characters removed; whitespace
+    runs (tabs and newlines included) collapsed to one space and the ends stripped;
     text longer than ``max_chars`` cut at the last word boundary before the limit (hard cut
     when there is none in the last quarter). Each fix applied is counted in ``fixes`` by name
     (``html_entities``, ``html_tags``, ``control_chars``, ``whitespace``, ``truncated``).
@@ -87,8 +87,7 @@ def clean_caption(text: Any, max_chars: int = DEFAULT_MAX_CAPTION_CHARS,
             applied.append("html_tags")
             text = untagged
 
-    visible = "".join(" " if ch in "\t\n\r\f\v" else ch for ch in text
-                      if ch in "\t\n\r\f\v" or not _is_invisible(ch))
+    visible = "".join(ch for ch in text if not _is_invisible(ch))
     if visible != text:
         applied.append("control_chars")
     text = visible
@@ -112,8 +111,8 @@ def clean_caption(text: Any, max_chars: int = DEFAULT_MAX_CAPTION_CHARS,
 
 
 def _is_invisible(ch: str) -> bool:
-    """Control characters (C0, C1, DEL) and zero-width marks; ``\\t\\n`` are handled as space."""
-    return ch in _INVISIBLE or unicodedata.category(ch) == "Cc"
+    """Control characters (C0, C1, DEL) and zero-width marks; tabs and newlines are whitespace."""
+    return ch in _INVISIBLE or (unicodedata.category(ch) == "Cc" and not ch.isspace())
 
 
 def _truncate_on_word(text: str, max_chars: int) -> str:

@@ -156,11 +156,24 @@ class PhraseActor:
     be written: ``no_phrases``, ``parse_error``). Trailer rows pass through untouched.
     """
 
-    def __init__(self, spacy_model: str, expressions: bool, nlp_batch_size: int = 256):
+    spacy_model: str = DEFAULT_SPACY_MODEL
+    expressions: bool = False
+    nlp_batch_size: int = 256
+
+    def __init__(self):
         from labeling.phrases import PhraseExtractor, load_spacy
 
-        self.extractor = PhraseExtractor(load_spacy(spacy_model), expressions=expressions,
-                                         batch_size=nlp_batch_size)
+        self.extractor = PhraseExtractor(load_spacy(self.spacy_model), expressions=self.expressions,
+                                         batch_size=self.nlp_batch_size)
+
+    @classmethod
+    def configured(cls, spacy_model: str, expressions: bool) -> type["PhraseActor"]:
+        """A subclass carrying the settings as class attributes.
+
+        Ray ships the class by value with the task; constructor arguments would instead sit
+        in the object store, where a restarted actor may no longer find them.
+        """
+        return type(cls.__name__, (cls,), {"spacy_model": spacy_model, "expressions": expressions})
 
     def __call__(self, table: pa.Table) -> pa.Table:
         captions = table.column("caption").to_pylist()
@@ -409,8 +422,9 @@ def _build_dataset(pending: list[CrawledShard], options: ParseOptions, workers: 
             .map_batches(read_shards, batch_size=1, batch_format="numpy",
                          fn_kwargs={"max_caption_chars": options.max_caption_chars},
                          num_cpus=READ_TASK_CPUS)
-            .map_batches(PhraseActor, batch_size=options.batch_size, batch_format="pyarrow",
-                         fn_constructor_kwargs={"spacy_model": options.spacy_model,
-                                                "expressions": options.expressions},
-                         concurrency=(1, workers), num_cpus=_actor_cpus(workers, cluster_cpus),
-                         max_restarts=2, max_task_retries=2))
+            .map_batches(PhraseActor.configured(options.spacy_model, options.expressions),
+                         batch_size=options.batch_size, batch_format="pyarrow",
+                         # autoscaling pool: a lost node shrinks it instead of deadlocking;
+                         # Ray Data restarts dead actors and retries their batches.
+                         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=workers),
+                         num_cpus=_actor_cpus(workers, cluster_cpus)))
