@@ -1,0 +1,212 @@
+"""The teacher: a model that grounds caption phrases in images, and its identity.
+
+``Teacher`` is the protocol the pseudo-label stage programs against; ``GLIPTeacher``
+wraps ``glip.GLIP.ground``. The work is split so that a pipeline can overlap CPU and
+accelerator work:
+
+- ``TeacherResize`` (picklable, no model, no torch): decoded RGB PIL image -> resized
+  ``uint8`` array ``[h, w, 3]``, the resize of ``GLIP.prepare_image`` (shorter side to
+  ``min_size``, longer side at most ``max_size``). Runs in cheap CPU tasks.
+- ``Teacher.ground`` (where the model lives): those arrays plus the original sizes,
+  captions and phrase spans -> per image, per phrase, detections
+  ``{"bbox": [x, y, w, h], "score": float}`` in ORIGINAL image pixels (COCO xywh), best first.
+
+Identity: the sha256 of the checkpoint (``checkpoint_sha256``), recorded in every
+pseudo-labeled sample, so a label can always be traced to the weights that made it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, Sequence
+
+import numpy as np
+from PIL import Image
+
+from storage.errors import InputError
+
+Detection = dict[str, Any]                 # {"bbox": [x, y, w, h] pixels, "score": float}
+PhraseSpans = Sequence[tuple[int, int]]    # character spans into one caption, end exclusive
+
+# Files of a glipctl checkpoint directory that do NOT define the model's predictions
+# (optimizer/scheduler state for resuming training): left out of the identity hash.
+_NON_MODEL_FILES = {"train_state.pt"}
+_HASH_CHUNK = 1 << 20
+# GLIP's official test-time sizes (configs/pretrain/*.yaml INPUT.MIN_SIZE_TEST / MAX_SIZE_TEST).
+OFFICIAL_MIN_SIZE, OFFICIAL_MAX_SIZE = 800, 1333
+
+
+# ----------------------------------------------------------------------------- identity
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def checkpoint_sha256(path: str | Path) -> str:
+    """sha256 identifying a checkpoint.
+
+    A file (official ``.pth``): the sha256 of its bytes, the number people compare
+    with ``sha256sum``. A glipctl checkpoint directory: the sha256 of the sorted lines
+    ``"<relative path> <sha256 of file>\\n"`` over every file that defines the model
+    (config, weights, tokenizer), leaving out training-resume state and hidden files.
+    """
+    path = Path(path)
+    if path.is_file():
+        return _file_sha256(path)
+    lines = []
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        rel = f.relative_to(path).as_posix()
+        if f.name in _NON_MODEL_FILES or any(part.startswith(".") for part in Path(rel).parts):
+            continue
+        lines.append(f"{rel} {_file_sha256(f)}\n")
+    return hashlib.sha256("".join(lines).encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True)
+class TeacherIdentity:
+    """Which weights made a pseudo-label."""
+    path: str
+    sha256: str
+    kind: str            # "glipctl" (checkpoint directory) or "official" (.pth file)
+
+    @property
+    def short(self) -> str:
+        return self.sha256[:12]
+
+    @property
+    def source(self) -> str:
+        """The ``source`` of every sample this teacher labels: ``pseudo/<short sha256>``."""
+        return f"pseudo/{self.short}"
+
+    def to_dict(self) -> dict[str, str]:
+        return {"path": self.path, "sha256": self.sha256, "kind": self.kind, "source": self.source}
+
+
+def teacher_identity(path: str | Path) -> TeacherIdentity:
+    """Identify the teacher at ``path``; ``InputError`` when it is not a checkpoint."""
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"{p}: teacher checkpoint not found")
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise InputError(f"{p}: not a glipctl checkpoint (no config.json); "
+                             f"pass a checkpoint directory or an official GLIP .pth")
+        kind = "glipctl"
+    elif p.suffix.lower() in (".pth", ".pt", ".bin", ".ckpt"):
+        kind = "official"
+    else:
+        raise InputError(f"{p}: not a teacher checkpoint (expected a glipctl checkpoint directory "
+                         f"or an official GLIP .pth)")
+    return TeacherIdentity(str(p.resolve()), checkpoint_sha256(p), kind)
+
+
+# ----------------------------------------------------------------------------- CPU resize
+@dataclass(frozen=True)
+class TeacherResize:
+    """``GLIP.prepare_image``'s resize without the model: picklable, torch-free.
+
+    Shorter side to ``min_size`` unless the longer side would pass ``max_size``
+    (then longer side to ``max_size``), aspect ratio kept, bilinear. Output: ``uint8``
+    array ``[h, w, 3]`` RGB (4x smaller than float32 on the way to the model).
+    """
+    min_size: int
+    max_size: int
+
+    def target_size(self, width: int, height: int) -> tuple[int, int]:
+        """``(new_width, new_height)`` for a ``width`` x ``height`` image."""
+        short, long = min(width, height), max(width, height)
+        scale = self.min_size / short
+        if long * scale > self.max_size:
+            scale = self.max_size / long
+        return max(1, int(round(width * scale))), max(1, int(round(height * scale)))
+
+    def __call__(self, image: Image.Image) -> np.ndarray:
+        size = self.target_size(image.width, image.height)
+        if size != image.size:
+            image = image.resize(size, Image.Resampling.BILINEAR)
+        return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
+def teacher_resize(path: str | Path, image_size: int | None = None) -> TeacherResize:
+    """The resize for the teacher at ``path`` (read from its config, no weights loaded).
+
+    ``image_size`` overrides the shorter side; the longer-side cap scales with it so the
+    checkpoint's aspect-ratio limit is kept (800/1333 -> 400/666).
+    """
+    p = Path(path)
+    if p.is_dir():
+        try:
+            cfg = json.loads((p / "config.json").read_text(encoding="utf-8"))
+            min_size, max_size = int(cfg["min_size"]), int(cfg["max_size"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise InputError(f"{p / 'config.json'}: unreadable teacher config ({exc})") from exc
+    else:
+        min_size, max_size = OFFICIAL_MIN_SIZE, OFFICIAL_MAX_SIZE
+    if image_size is not None:
+        if image_size < 16:
+            raise InputError(f"--image-size {image_size}: must be at least 16 pixels")
+        max_size = max(image_size, int(round(image_size * max_size / min_size)))
+        min_size = image_size
+    return TeacherResize(min_size, max_size)
+
+
+# ----------------------------------------------------------------------------- teachers
+class Teacher(Protocol):
+    """Grounds phrases of captions in images (see the module docstring for shapes)."""
+
+    identity: TeacherIdentity
+
+    def ground(self, images: Sequence[np.ndarray], image_sizes: Sequence[tuple[int, int]],
+               captions: Sequence[str], phrase_spans: Sequence[PhraseSpans], *,
+               threshold: float, nms_iou: float) -> list[list[list[Detection]]]:
+        """``images``: resized ``uint8 [h, w, 3]`` arrays; ``image_sizes``: original (width, height)."""
+        ...
+
+
+def load_glip_model(path: str | Path):
+    """Load a GLIP model (eval mode, CPU) from a glipctl checkpoint dir or an official .pth."""
+    import glip
+
+    loader = getattr(glip, "load_teacher", None)
+    if loader is not None:
+        return loader(str(path))
+    p = Path(path)
+    if p.is_dir():
+        return glip.GLIP.from_pretrained(str(p))
+    from glip.convert import load_official
+    model, _report = load_official(p)
+    return model
+
+
+class GLIPTeacher:
+    """``Teacher`` backed by ``glip.GLIP.ground``; the model is loaded once, at construction."""
+
+    def __init__(self, model, identity: TeacherIdentity, device: str = "cpu"):
+        self.model = model.to(device).eval()
+        self.identity = identity
+        self.device = device
+
+    @classmethod
+    def load(cls, path: str | Path, identity: TeacherIdentity | None = None,
+             device: str = "cpu") -> "GLIPTeacher":
+        identity = identity or teacher_identity(path)
+        return cls(load_glip_model(path), identity, device)
+
+    def ground(self, images: Sequence[np.ndarray], image_sizes: Sequence[tuple[int, int]],
+               captions: Sequence[str], phrase_spans: Sequence[PhraseSpans], *,
+               threshold: float, nms_iou: float) -> list[list[list[Detection]]]:
+        import torch
+
+        tensors = [torch.from_numpy(np.ascontiguousarray(a)).to(self.device).permute(2, 0, 1).float().div_(255.0)
+                   for a in images]
+        spans = [[(int(s), int(e)) for s, e in caption_spans] for caption_spans in phrase_spans]
+        with torch.inference_mode():
+            out = self.model.ground(tensors, list(captions), spans, threshold=threshold,
+                                    nms_threshold=nms_iou, image_sizes=[tuple(s) for s in image_sizes])
+        return [[[{"bbox": [float(v) for v in d["bbox"]], "score": float(d["score"])} for d in dets]
+                 for dets in per_image] for per_image in out]
