@@ -113,15 +113,19 @@ def stage_train(o: DemoOptions, world: WorldPaths, out_dir: Path, pseudo_dir: Pa
 
 def stage_pseudo(o: DemoOptions, world: WorldPaths, phrases_dir: Path, teacher_dir: Path,
                  out_dir: Path) -> dict[str, Any]:
-    from pipelines.pseudo_label import PseudoOptions, run_pseudo_label
+    from labeling.filters import DEFAULT_MIN_BOX_SIZE, DEFAULT_NMS_IOU
+    from pipelines.pseudo_label import PseudoLabelOptions, run_pseudo_label
     from storage.crawled import discover_crawled_shards
 
     shards = discover_crawled_shards([str(world.crawled_dir)])
-    result = run_pseudo_label(shards, phrases_dir, teacher_dir, out_dir, PseudoOptions(
-        threshold=o.pseudo_threshold, max_boxes_per_phrase=o.pseudo_max_boxes, overwrite=True))
-    totals = result.manifest.totals()
+    result = run_pseudo_label(shards, out_dir, PseudoLabelOptions(
+        phrases=str(phrases_dir), teacher=str(teacher_dir), threshold=o.pseudo_threshold,
+        nms_iou=DEFAULT_NMS_IOU, max_boxes_per_phrase=o.pseudo_max_boxes, min_box_size=DEFAULT_MIN_BOX_SIZE,
+        batch_size=o.eval_batch_size, overwrite=True))
+    totals = result.totals()
     return {"images": totals.get("written", 0), "boxes": totals.get("boxes", 0),
-            "skipped": totals.get("skipped", {})}
+            "without_boxes": totals.get("without_boxes", 0), "skipped": totals.get("skipped", {}),
+            "failed": result.failed}
 
 
 def stage_evaluate(world: WorldPaths, model_dir: Path, batch_size: int) -> dict[str, Any]:
