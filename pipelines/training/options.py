@@ -1,0 +1,143 @@
+"""What one training run is asked to do: ``TrainOptions`` and the parsing of CLI-shaped values.
+
+Pure Python (no torch, no Ray) so the CLI, the demo and the tests build options cheaply.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from storage.errors import InputError
+
+SOURCES = ("gold", "pseudo", "detection")
+
+
+@dataclass(frozen=True)
+class AnnotatedImages:
+    """An annotation file and the folder its ``file_name`` entries are relative to."""
+    annotations: str
+    image_root: str
+
+    @classmethod
+    def parse(cls, value: str, option: str) -> "AnnotatedImages":
+        """``ANN.json=IMAGE_DIR`` -> AnnotatedImages; raises InputError naming ``option``."""
+        ann, sep, root = value.partition("=")
+        if not sep or not ann or not root:
+            raise InputError(f"{option} {value!r}: expected ANN.json=IMAGE_DIR")
+        if not Path(ann).is_file():
+            raise InputError(f"{option}: annotation file {ann} does not exist")
+        if not Path(root).is_dir():
+            raise InputError(f"{option}: image folder {root} does not exist")
+        return cls(ann, root)
+
+
+def parse_mix(value: str | None) -> dict[str, float]:
+    """``"gold=1,pseudo=2"`` -> ``{"gold": 1.0, "pseudo": 2.0}``; sources left out weigh 1."""
+    weights = {name: 1.0 for name in SOURCES}
+    if not value:
+        return weights
+    for part in value.split(","):
+        name, sep, number = part.strip().partition("=")
+        if not sep or name not in SOURCES:
+            raise InputError(f"--mix {value!r}: expected NAME=WEIGHT with NAME in {', '.join(SOURCES)}")
+        try:
+            weight = float(number)
+        except ValueError:
+            raise InputError(f"--mix {value!r}: weight {number!r} is not a number") from None
+        if not weight >= 0:   # also rejects NaN
+            raise InputError(f"--mix {value!r}: weight of {name} must be >= 0")
+        weights[name] = weight
+    return weights
+
+
+@dataclass
+class TrainOptions:
+    """Everything ``train`` needs; field names follow the ``glipctl train-student`` options.
+
+    ``batch_size`` is per worker (the global batch is ``batch_size * workers``). ``lr`` is
+    the peak learning rate of everything but the text encoder, which gets ``text_lr``.
+    ``model_overrides`` are passed to ``GLIP.from_preset`` (tests shrink ``min_size`` there).
+    """
+    out: str
+    gold: list[AnnotatedImages] = field(default_factory=list)
+    pseudo: list[str] = field(default_factory=list)
+    detection: list[AnnotatedImages] = field(default_factory=list)
+    mix: dict[str, float] = field(default_factory=lambda: parse_mix(None))
+    preset: str = "tiny"
+    text_encoder: str | None = None
+    init: str | None = None
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    steps: int = 1000
+    batch_size: int = 4
+    lr: float = 1e-4
+    text_lr: float = 1e-5
+    weight_decay: float = 0.05
+    warmup: int = 100
+    schedule: str = "cosine"           # "cosine" | "step"
+    grad_clip: float = 1.0             # max global L2 norm of the gradients; 0 disables
+    workers: int = 1
+    gpus_per_worker: float = 0.0
+    cpus_per_worker: float = 1.0
+    amp: bool = False                  # bf16 autocast, GPU only
+    pseudo_min_score: float = 0.0
+    detection_negatives: int = 8       # at most this many absent categories per detection prompt
+    shuffle_buffer: int = 256          # pseudo-shard samples held for shuffling, per worker
+    checkpoint_every: int = 500
+    keep: int = 2
+    log_every: int = 10
+    eval: list[AnnotatedImages] = field(default_factory=list)
+    eval_every: int = 0
+    eval_samples: int = 64
+    resume: bool = False
+    address: str | None = None
+    seed: int = 0
+    augment: bool = True
+
+    def validate(self) -> None:
+        """Raise InputError for option combinations that cannot run."""
+        if not (self.gold or self.pseudo or self.detection):
+            raise InputError("nothing to train on: give --gold, --pseudo or --detection")
+        for name, value in [("--steps", self.steps), ("--batch-size", self.batch_size),
+                            ("--workers", self.workers), ("--keep", self.keep), ("--log-every", self.log_every)]:
+            if value < 1:
+                raise InputError(f"{name} must be >= 1 (got {value})")
+        if self.warmup < 0 or self.checkpoint_every < 0 or self.eval_every < 0:
+            raise InputError("--warmup, --checkpoint-every and --eval-every must be >= 0")
+        if self.schedule not in ("cosine", "step"):
+            raise InputError(f"--schedule {self.schedule!r}: expected cosine or step")
+        if not (self.lr > 0 and self.text_lr >= 0):
+            raise InputError("--lr must be > 0 and --text-lr >= 0")
+        if self.eval_every and not self.eval:
+            raise InputError("--eval-every needs --eval ANN.json=IMAGE_DIR")
+        present = {"gold": bool(self.gold), "pseudo": bool(self.pseudo), "detection": bool(self.detection)}
+        if not any(self.mix.get(name, 0) > 0 for name, there in present.items() if there):
+            raise InputError(f"--mix gives weight 0 to every source given ({', '.join(k for k, v in present.items() if v)})")
+        if self.init and not Path(self.init).exists():
+            raise InputError(f"--init {self.init} does not exist")
+        if self.text_encoder and not Path(self.text_encoder).exists():
+            raise InputError(f"--text-encoder {self.text_encoder} does not exist")
+        for path in self.pseudo:
+            if not Path(path).exists():
+                raise InputError(f"--pseudo {path} does not exist")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready options, recorded in the manifest."""
+        return asdict(self)
+
+
+@dataclass
+class TrainResult:
+    """What a finished run produced: ``out`` loads with ``GLIP.from_pretrained``."""
+    out: Path
+    step: int
+    start_step: int
+    metrics: list[dict[str, Any]]            # the metrics.jsonl rows written by this run
+    counts: dict[str, dict[str, Any]]        # per source: read, written (= trained on), skipped by reason
+    checkpoints: list[Path]
+    seconds: float
+    samples_per_s: float
+
+    @property
+    def final_loss(self) -> float | None:
+        return self.metrics[-1]["loss"] if self.metrics else None

@@ -1,0 +1,237 @@
+"""Training data: options parsing, source loading, seeded sampling, the per-worker feed."""
+from __future__ import annotations
+
+import json
+import os
+import tarfile
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from pipelines.training.augment import TrainAugment
+from pipelines.training.feed import MixedFeed, detection_prompt
+from pipelines.training.options import AnnotatedImages, TrainOptions, parse_mix
+from pipelines.training.sampling import EpochCursor, MixSampler, PseudoStream, shuffled
+from pipelines.training.sources import DetectionImage, TrainingSources, load_sources
+from storage.errors import InputError
+from storage.skips import StageCounts
+from training_helpers import make_world, write_pseudo_shards
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return make_world(tmp_path_factory.mktemp("world"))
+
+
+@pytest.fixture(scope="module")
+def pseudo_dir(world, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pseudo")
+    write_pseudo_shards(world, out, shards=3, per_shard=4)
+    return out
+
+
+def small_augment() -> TrainAugment:
+    return TrainAugment(48, 80)
+
+
+# ----------------------------------------------------------------------------- options
+
+def test_parse_mix_defaults_and_errors():
+    assert parse_mix("gold=2,pseudo=0.5") == {"gold": 2.0, "pseudo": 0.5, "detection": 1.0}
+    for bad in ("gold", "coco=1", "gold=x", "gold=-1", "gold=nan"):
+        with pytest.raises(InputError):
+            parse_mix(bad)
+
+
+def test_annotated_images_names_the_missing_part(tmp_path):
+    ann = tmp_path / "a.json"
+    ann.write_text("{}")
+    with pytest.raises(InputError, match="ANN.json=IMAGE_DIR"):
+        AnnotatedImages.parse(str(ann), "--gold")
+    with pytest.raises(InputError, match="image folder"):
+        AnnotatedImages.parse(f"{ann}={tmp_path / 'nope'}", "--gold")
+    with pytest.raises(InputError, match="annotation file"):
+        AnnotatedImages.parse(f"{tmp_path / 'nope.json'}={tmp_path}", "--gold")
+    assert AnnotatedImages.parse(f"{ann}={tmp_path}", "--gold").image_root == str(tmp_path)
+
+
+def test_options_refuse_runs_that_cannot_train(tmp_path):
+    with pytest.raises(InputError, match="nothing to train on"):
+        TrainOptions(out=str(tmp_path)).validate()
+    with pytest.raises(InputError, match="weight 0"):
+        TrainOptions(out=str(tmp_path), pseudo=[str(tmp_path)], mix=parse_mix("pseudo=0")).validate()
+
+
+# ----------------------------------------------------------------------------- sampling
+
+def test_mix_sampler_honours_weights_over_many_draws():
+    sampler = MixSampler({"gold": 1.0, "pseudo": 3.0, "detection": 0.0}, seed=7)
+    draws = Counter(sampler.next() for _ in range(20000))
+    assert "detection" not in draws
+    assert abs(draws["pseudo"] / 20000 - 0.75) < 0.015
+
+
+def test_mix_sampler_state_round_trip_replays_draws():
+    a = MixSampler({"gold": 1.0, "pseudo": 1.0}, seed=3)
+    for _ in range(17):
+        a.next()
+    b = MixSampler({"gold": 1.0, "pseudo": 1.0}, seed=3)
+    b.load_state_dict(a.state_dict())
+    assert [a.next() for _ in range(50)] == [b.next() for _ in range(50)]
+
+
+def test_epoch_cursor_splits_each_epoch_between_workers():
+    cursors = [EpochCursor(10, seed=1, rank=r, world=2) for r in range(2)]
+    epoch0 = [[c.next() for _ in range(5)] for c in cursors]
+    assert sorted(epoch0[0] + epoch0[1]) == list(range(10))
+    epoch1 = [cursors[0].next() for _ in range(5)]
+    assert epoch1 != epoch0[0]    # a new permutation each epoch
+    assert cursors[0].state_dict() == {"epoch": 1, "position": 5}
+    replay = EpochCursor(10, seed=1, rank=0, world=2)
+    replay.load_state_dict({"epoch": 1, "position": 2})
+    assert [replay.next() for _ in range(3)] == epoch1[2:]
+
+
+def test_shuffled_keeps_every_item():
+    out = list(shuffled(iter(range(100)), 16, np.random.default_rng(0)))
+    assert sorted(out) == list(range(100)) and out != list(range(100))
+
+
+def test_pseudo_stream_splits_shards_between_workers_and_resumes(pseudo_dir):
+    files = sorted(str(p) for p in pseudo_dir.glob("*.tar"))
+    assert len(files) == 3
+    streams = [PseudoStream(files, seed=0, rank=r, world=2, buffer_size=4) for r in range(2)]
+    # one epoch: worker 0 reads 2 shards, worker 1 one shard (shard-level split)
+    first = [[s.next()[0].key for _ in range(n)] for s, n in zip(streams, (8, 4))]
+    assert not set(first[0]) & set(first[1])
+    assert len(set(first[0]) | set(first[1])) == 12
+    streams[1].next()
+    assert streams[1].epoch == 1   # endless: wrapped to the next epoch (new shard order)
+    # resume mid-epoch: the same next samples
+    a = PseudoStream(files, seed=0, rank=0, world=1, buffer_size=4)
+    for _ in range(5):
+        a.next()
+    b = PseudoStream(files, seed=0, rank=0, world=1, buffer_size=4)
+    b.load_state_dict(a.state_dict())
+    read_before = a.reader_counts().read
+    assert [a.next()[0].key for _ in range(10)] == [b.next()[0].key for _ in range(10)]
+    # the replayed reads are not counted again: the two runs together read what one did
+    assert read_before + b.reader_counts().read == a.reader_counts().read
+
+
+def test_pseudo_stream_with_fewer_shards_than_workers_splits_samples(pseudo_dir):
+    one = [str(sorted(pseudo_dir.glob("*.tar"))[0])]
+    keys = [[PseudoStream(one, seed=0, rank=r, world=3).next()[0].key] for r in range(3)]
+    assert len({k[0] for k in keys}) == 3
+
+
+def test_truncated_shard_is_a_counted_skip(pseudo_dir, tmp_path):
+    good = sorted(pseudo_dir.glob("*.tar"))[0]
+    bad = tmp_path / "bad-00000.tar"
+    data = good.read_bytes()
+    bad.write_bytes(data[: len(data) // 2])
+    stream = PseudoStream([str(bad), str(good)], seed=0, buffer_size=2)
+    keys = [stream.next()[0].key for _ in range(6)]
+    assert len(keys) == 6
+    assert sum(stream.reader_counts().skipped.values()) >= 1
+
+
+# ----------------------------------------------------------------------------- sources
+
+def test_missing_gold_images_are_counted_and_all_missing_is_an_error(world, tmp_path):
+    images = sorted(world.gold_images.glob("*.jpg"))
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    for p in images[:-5]:
+        os.link(p, partial / p.name)
+    sources = load_sources([AnnotatedImages(str(world.gold_json), str(partial))], [], [])
+    assert len(sources.gold) == len(images) - 5
+    assert sources.counts["gold"].skipped["missing_image"] == 5
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(InputError, match="no usable sample"):
+        load_sources([AnnotatedImages(str(world.gold_json), str(empty))], [], [])
+
+
+def test_empty_pseudo_folder_is_an_input_error(tmp_path):
+    with pytest.raises(InputError, match="no .tar"):
+        load_sources([], [], [str(tmp_path)])
+
+
+def test_detection_images_merge_prompts_and_keep_the_vocabulary(world):
+    sources = load_sources([], [AnnotatedImages(str(world.eval_coco_json), str(world.eval_images))], [])
+    assert len(sources.detection) == 8
+    vocab = sources.detection[0].categories
+    assert set(vocab) == {"circle", "square", "triangle", "star", "heart", "cross"}
+    coco = json.loads(world.eval_coco_json.read_text())
+    assert sum(len(d.boxes) for d in sources.detection) == len(coco["annotations"])
+
+
+def test_detection_prompt_names_positives_and_negatives():
+    image = DetectionImage("k", "p", 100, 100, [([0, 0, 10, 10], "dog"), ([5, 5, 10, 10], "cat"),
+                                                ([1, 1, 5, 5], "dog")],
+                           ("dog", "cat", "car", "bus", "tree", "zebra"), "det/x")
+    rng = np.random.default_rng(0)
+    negatives_seen = set()
+    for _ in range(50):
+        caption, boxes, spans = detection_prompt(image, rng, negatives=3)
+        names = caption.rstrip(".").split(". ")
+        assert {"dog", "cat"} <= set(names) and len(names) <= 5
+        negatives_seen |= set(names) - {"dog", "cat"}
+        assert len(boxes) == 3
+        for (s, e), (_, name) in zip([sp[0] for sp in spans], image.boxes):
+            assert caption[s:e] == name
+    assert negatives_seen == {"car", "bus", "tree", "zebra"}
+    # a token budget too small for every name: boxes of names left out are dropped
+    caption, boxes, spans = detection_prompt(image, rng, negatives=0, max_tokens=5)
+    assert len(caption.rstrip(".").split(". ")) == 1 and len(boxes) in (1, 2)
+
+
+# ----------------------------------------------------------------------------- feed
+
+def test_feed_mix_ratio_and_bad_records(world, pseudo_dir):
+    sources = load_sources([AnnotatedImages(str(world.gold_json), str(world.gold_images))], [], [str(pseudo_dir)])
+    feed = MixedFeed(sources, {"gold": 1.0, "pseudo": 3.0, "detection": 1.0}, small_augment(), seed=0,
+                     pseudo_min_score=0.5, shuffle_buffer=4)
+    examples = feed.next_batch(160)
+    share = sum(e.source == "pseudo" for e in examples) / len(examples)
+    assert abs(share - 0.75) < 0.1
+    for e in examples:
+        assert e.image.dtype == torch.float32 and e.image.shape[0] == 3 and min(e.image.shape[1:]) <= 48
+        assert e.boxes.shape[0] == len(e.tokens_positive) >= 1
+        assert (e.boxes[:, 2:] > e.boxes[:, :2]).all()
+        assert (e.boxes[:, 2] <= e.image.shape[2]).all() and (e.boxes[:, 3] <= e.image.shape[1]).all()
+    counts = feed.all_counts()
+    # pseudo boxes scored 0.3 are filtered: single-object samples whose only box is 0.9 survive
+    assert counts["pseudo"]["written"] == sum(e.source == "pseudo" for e in examples)
+    assert counts["pseudo"]["read"] >= counts["pseudo"]["written"]
+
+
+def test_feed_skips_unusable_records_and_resumes_exactly(world, pseudo_dir, tmp_path):
+    sources = load_sources([AnnotatedImages(str(world.gold_json), str(world.gold_images))], [], [str(pseudo_dir)])
+    # a pseudo threshold no box reaches: every pseudo record is a counted skip, gold carries on
+    only_gold = MixedFeed(sources, {"gold": 1.0, "pseudo": 0.0}, small_augment(), seed=0)
+    assert {e.source for e in only_gold.next_batch(4)} == {"gold"}
+    starved = MixedFeed(sources, {"pseudo": 1.0, "gold": 0.0}, small_augment(), seed=0, pseudo_min_score=2.0)
+    with pytest.raises(InputError, match="no usable record"):
+        starved.next_example()
+    assert starved.counts["pseudo"].skipped["no_box_above_min_score"] >= 1000
+    # a gold image that vanished after loading: skipped, counted, the next record is used
+    gold0 = sources.gold[0]
+    gold0.extra = {**gold0.extra, "image_path": str(tmp_path / "gone.jpg")}
+    lonely = MixedFeed(TrainingSources(gold=[gold0] + sources.gold[1:3]), {"gold": 1.0}, small_augment(), seed=0)
+    lonely.next_batch(6)
+    assert lonely.counts["gold"].skipped["missing_image"] >= 1
+    # resume: same state -> same examples (torch RNG drives the augmentation)
+    a = MixedFeed(sources, {"gold": 1.0, "pseudo": 1.0}, small_augment(), seed=1, shuffle_buffer=4)
+    a.next_batch(5)
+    state, rng = a.state_dict(), torch.get_rng_state()
+    b = MixedFeed(sources, {"gold": 1.0, "pseudo": 1.0}, small_augment(), seed=1, shuffle_buffer=4)
+    b.load_state_dict(state)
+    after_a = a.next_batch(6)
+    torch.set_rng_state(rng)
+    after_b = b.next_batch(6)
+    assert [e.key for e in after_a] == [e.key for e in after_b]
+    assert all(torch.equal(x.image, y.image) for x, y in zip(after_a, after_b))
