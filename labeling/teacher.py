@@ -108,28 +108,28 @@ def teacher_identity(path: str | Path) -> TeacherIdentity:
 # ----------------------------------------------------------------------------- CPU resize
 @dataclass(frozen=True)
 class TeacherResize:
-    """``GLIP.prepare_image``'s resize without the model: picklable, torch-free.
+    """``glip.preprocess.prepare_image``'s resize without the model (picklable, for CPU tasks).
 
-    Shorter side to ``min_size`` unless the longer side would pass ``max_size``
-    (then longer side to ``max_size``), aspect ratio kept, bilinear. Output: ``uint8``
-    array ``[h, w, 3]`` RGB (4x smaller than float32 on the way to the model).
+    The official rule (``glip.preprocess.resized_size``: shorter side to ``min_size``
+    unless the longer side would pass ``max_size``), bilinear, exactly as ``prepare_image``;
+    the output stays ``uint8`` ``[h, w, 3]`` RGB (4x smaller than float32 on its way to the
+    model, which divides by 255 as ``prepare_image`` does).
     """
     min_size: int
     max_size: int
 
     def target_size(self, width: int, height: int) -> tuple[int, int]:
         """``(new_width, new_height)`` for a ``width`` x ``height`` image."""
-        short, long = min(width, height), max(width, height)
-        scale = self.min_size / short
-        if long * scale > self.max_size:
-            scale = self.max_size / long
-        return max(1, int(round(width * scale))), max(1, int(round(height * scale)))
+        from glip.preprocess import resized_size
+
+        return resized_size(width, height, self.min_size, self.max_size)
 
     def __call__(self, image: Image.Image) -> np.ndarray:
         size = self.target_size(image.width, image.height)
+        image = image.convert("RGB")
         if size != image.size:
             image = image.resize(size, Image.Resampling.BILINEAR)
-        return np.asarray(image.convert("RGB"), dtype=np.uint8)
+        return np.asarray(image, dtype=np.uint8)
 
 
 def teacher_resize(path: str | Path, image_size: int | None = None) -> TeacherResize:
