@@ -360,6 +360,8 @@ def run_parse_captions(shards: list[CrawledShard], out_dir: str | Path, options:
             result.resumed.append(shard.name)
         else:
             pending.append(shard)
+            for leftover in out_dir.glob(f".{shard.name}.parquet.*.tmp"):   # a crash mid-write
+                leftover.unlink(missing_ok=True)
     manifest.options = asdict(options)
     manifest.save(out_dir)
     started = time.perf_counter()

