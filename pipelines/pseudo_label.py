@@ -23,6 +23,7 @@ A re-run retries exactly the shards not marked done.
 from __future__ import annotations
 
 import json
+import logging
 import time
 import traceback
 from collections import Counter
@@ -36,6 +37,8 @@ from storage.crawled import CrawledShard
 from storage.manifest import Manifest
 from storage.shards import ShardWriter
 from storage.skips import StageCounts
+
+log = logging.getLogger("glipctl")
 
 STAGE = "pseudo-label"
 READ_CHUNK = 32                  # rows per block leaving a read task: small, so decode starts early
@@ -261,6 +264,7 @@ class ShardProgress:
     without_boxes: int = 0
     box_drops: Counter = field(default_factory=Counter)
     writer: ShardWriter | None = None
+    seen: set[str] = field(default_factory=set)     # keys received: a re-delivered row is ignored
 
     @property
     def complete(self) -> bool:
@@ -277,16 +281,24 @@ class ShardSink:
     """Writes results grouped by input shard; marks each shard in the manifest as it finishes."""
 
     def __init__(self, out_dir: Path, manifest: Manifest, names: list[str], max_samples: int,
-                 on_update: Callable[[int, int], None] | None = None):
+                 on_update: Callable[[int, int], None] | None = None,
+                 paths: dict[str, str] | None = None):
         self.out_dir = out_dir
+        self.paths = paths or {}
         self.manifest = manifest
         self.max_samples = max_samples
         self.shards = {n: ShardProgress(n) for n in names}
         self.on_update = on_update or (lambda images, boxes: None)
 
     def add(self, row: dict[str, Any]) -> None:
-        sp = self.shards[row["shard"]]
+        sp = self.shards.get(row["shard"])
+        if sp is None:      # the shard already finished: a re-delivered row
+            log.warning("ignoring a late result for finished shard %s (key %s)", row["shard"], row["key"])
+            return
         kind = row["kind"]
+        if kind != "end" and row["key"] in sp.seen:
+            log.warning("ignoring a repeated result for shard %s key %s", sp.name, row["key"])
+            return
         if kind == "end":
             sp.expected = int(row["expected"])
             read_counts = StageCounts.from_dict(json.loads(row["counts"]))
@@ -295,8 +307,10 @@ class ShardSink:
             sp.error = row["detail"] or ""
         else:
             sp.received += 1
+            sp.seen.add(row["key"])
             if kind == "skip":
-                sp.counts.skip(row["reason"], f"shard {sp.name} key {row['key']}", row["detail"])
+                where = f"{self.paths.get(sp.name, 'shard ' + sp.name)} key {row['key']}"
+                sp.counts.skip(row["reason"], where, row["detail"])
             else:
                 self._write(sp, row)
         if sp.complete:
@@ -339,11 +353,14 @@ class ShardSink:
         self.manifest.save(self.out_dir)
         self.shards.pop(sp.name, None)
 
-    def fail_unfinished(self, error: str) -> None:
-        """Record every shard still open (its rows were lost) as failed."""
+    def fail_unfinished(self, error: str) -> list[str]:
+        """Record every shard still open (its rows were lost) as failed; returns their names."""
+        names = []
         for sp in list(self.shards.values()):
             lost = "" if sp.expected is None else f" ({sp.received} of {sp.expected} results arrived)"
             self._fail(sp, sp.error or error + lost)
+            names.append(sp.name)
+        return names
 
     def abort(self) -> None:
         """Interrupted: drop unfinished tars, leave the manifest as it is (those shards redo)."""
@@ -355,7 +372,8 @@ class ShardSink:
 
 def build_dataset(specs: list[dict[str, Any]], *, resize: TeacherResize, teacher_path: str,
                   identity: TeacherIdentity, config: FilterConfig, extra: dict[str, Any],
-                  workers: int, batch_size: int, gpus_per_worker: float, actor_cpus: float = 1.0):
+                  workers: int, batch_size: int, gpus_per_worker: float, actor_cpus: float = 1.0,
+                  worker_cls: type = None):
     """The lazy Ray Dataset of labeled rows for ``specs`` (one per pending input shard)."""
     import ray
 
@@ -371,11 +389,12 @@ def build_dataset(specs: list[dict[str, Any]], *, resize: TeacherResize, teacher
                         batch_size=batch_size, num_cpus=0.25, batch_format="pyarrow")
     use_gpu = gpus_per_worker > 0
     ds = ds.map_batches(
-        TeacherWorker,
+        worker_cls or TeacherWorker,
         fn_constructor_kwargs={"teacher_path": teacher_path, "identity": identity.to_dict(),
                                "config": config.to_dict(), "extra": extra, "use_gpu": use_gpu},
         batch_size=batch_size, batch_format="pyarrow",
-        concurrency=(1, max(1, workers)),
+        # autoscaling pool: a lost node shrinks it instead of deadlocking (DESIGN.md)
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, workers)),
         num_gpus=gpus_per_worker if use_gpu else None,
         num_cpus=actor_cpus,
         # a dead actor is restarted (a preempted node); a batch that kills it 3 times is dropped
@@ -384,12 +403,11 @@ def build_dataset(specs: list[dict[str, Any]], *, resize: TeacherResize, teacher
     return ds
 
 
-def run_pipeline(ds, sink: ShardSink) -> None:
-    """Stream the dataset's rows into ``sink``; shards short of rows at the end are failed."""
-    from ray.data import DataContext
+def run_pipeline(ds, sink: ShardSink) -> list[str]:
+    """Stream the dataset's rows into ``sink``; shards short of rows at the end are failed.
 
-    ctx = DataContext.get_current()
-    ctx.max_errored_blocks = -1   # a batch that keeps failing costs its shard, not the run
+    Returns the names of shards that lost rows (a batch dropped after its retries).
+    """
     try:
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             for row in _table_to_rows(batch):
@@ -397,7 +415,7 @@ def run_pipeline(ds, sink: ShardSink) -> None:
     except BaseException:
         sink.abort()
         raise
-    sink.fail_unfinished("results lost in the pipeline (a task failed repeatedly; see Ray logs)")
+    return sink.fail_unfinished("results lost in the pipeline (a task failed repeatedly; see Ray logs)")
 
 
 # ------------------------------------------------------------------------------------------ the stage
@@ -500,11 +518,13 @@ def _actor_cpus(workers: int, cluster_cpus: float, use_gpu: bool) -> float:
 
 
 def run_pseudo_label(shards: list[CrawledShard], out_dir: str | Path, options: PseudoLabelOptions,
-                     on_progress: Callable[[int, int, int, int], None] | None = None) -> PseudoLabelResult:
+                     on_progress: Callable[[int, int, int, int], None] | None = None,
+                     worker_cls: type | None = None) -> PseudoLabelResult:
     """Label every input shard not yet done into ``out_dir``; Ray must already be initialised.
 
     ``on_progress(images_so_far, boxes_so_far, shards_finished, shards_total)`` is called as
-    results arrive. The manifest is saved whenever a shard finishes.
+    results arrive. The manifest is saved whenever a shard finishes. ``worker_cls``
+    replaces ``TeacherWorker`` (a subclass, e.g. for fault injection in tests).
     """
     import ray
 
@@ -555,33 +575,43 @@ def run_pseudo_label(shards: list[CrawledShard], out_dir: str | Path, options: P
                         "key_field": s.key_field, "url_field": s.url_field},
               "phrase_file": str(phrase_file_for(phrases_dir, s))} for s in pending]
     started = time.perf_counter()
-    total = len(pending)
+    names = [s.name for s in pending]
 
     def update(images: int, boxes: int) -> None:
         result.images += images
         result.boxes += boxes
         if on_progress is not None:
-            on_progress(result.images, result.boxes, total - len(sink.shards), total)
+            finished = sum(manifest.shards.get(n, {}).get("status") in ("done", "failed") for n in names)
+            on_progress(result.images, result.boxes, finished, len(names))
 
-    sink = ShardSink(out_dir, manifest, [s.name for s in pending], options.max_samples_per_tar, update)
-    ds = build_dataset(specs, resize=resize, teacher_path=options.teacher, identity=identity, config=config,
-                       extra=extra, workers=options.workers, batch_size=options.batch_size,
-                       gpus_per_worker=gpus, actor_cpus=_actor_cpus(options.workers, cluster_cpus, gpus > 0))
-    try:
-        run_pipeline(ds, sink)
-    except Exception as exc:   # the pipeline itself broke (e.g. the teacher cannot load)
-        sink.fail_unfinished(f"pipeline error: {format_exception(exc)}"[:2000])
+    def execute(batch_specs: list[dict[str, Any]]) -> list[str]:
+        """One pipeline over ``batch_specs``; returns the shards that lost rows."""
+        sink = ShardSink(out_dir, manifest, [s["shard"]["name"] for s in batch_specs],
+                         options.max_samples_per_tar, update,
+                         paths={s["shard"]["name"]: s["shard"]["path"] for s in batch_specs})
+        ds = build_dataset(batch_specs, resize=resize, teacher_path=options.teacher, identity=identity,
+                           config=config, extra=extra, workers=options.workers, batch_size=options.batch_size,
+                           gpus_per_worker=gpus, actor_cpus=_actor_cpus(options.workers, cluster_cpus, gpus > 0),
+                           worker_cls=worker_cls)
+        try:
+            return run_pipeline(ds, sink)
+        except Exception as exc:   # the pipeline itself broke (e.g. the teacher cannot load)
+            sink.fail_unfinished(f"pipeline error: {format_exception(exc)}"[:2000])
+            return []
+
+    lost = execute(specs)
+    # Batches mix rows of neighbouring shards, so one poisoned batch fails them all. Give
+    # each such shard a second chance alone: the ones that fail again are the bad ones.
+    if len(specs) > 1:
+        for name in lost:
+            log.warning("shard %s lost results; retrying it alone", name)
+            execute([s for s in specs if s["shard"]["name"] == name])
     manifest.save(out_dir)
-    for name, entry in manifest.shards.items():
-        if name in {s.name for s in pending}:
-            (result.done if entry.get("status") == "done" else result.failed).append(name)
+    for name in names:
+        (result.done if manifest.is_done(name) else result.failed).append(name)
     result.seconds = time.perf_counter() - started
     return result
 
 
 def format_exception(exc: BaseException) -> str:
     return "".join(traceback.format_exception_only(type(exc), exc)).strip()
-
-
-def now() -> float:
-    return time.monotonic()
