@@ -83,6 +83,14 @@ def load_coco_detection(ann_json: str | Path, image_root: str | Path | None, cou
     counted skips; a file that does not parse raises ``InputError``.
     """
     coco = load_coco_api(ann_json, counts)
+    yield from iter_coco_detection(coco, ann_json, image_root, counts, max_tokens, count_tokens, name,
+                                   check_images)
+
+
+def iter_coco_detection(coco, ann_json: str | Path, image_root: str | Path | None, counts: StageCounts,
+                        max_tokens: int = 256, count_tokens: Callable[[str], int] | None = None,
+                        name: str | None = None, check_images: bool = True) -> Iterator[GroundedSample]:
+    """``load_coco_detection`` on an already loaded ``COCO`` object (``load_coco_api``)."""
     root = check_image_root(image_root)
     count_orphan_annotations(coco, counts, ann_json)
     source = f"det/{name or Path(ann_json).stem}"

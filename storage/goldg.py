@@ -130,6 +130,17 @@ def load_mdetr(ann_json: str | Path, image_root: str | Path | None, counts: Stag
     root, raises ``InputError``; bad spans and boxes are counted drops.
     """
     coco = load_coco_api(ann_json, counts)
+    yield from iter_mdetr(coco, ann_json, image_root, counts, check_images)
+
+
+def is_mdetr(coco) -> bool:
+    """True when the loaded file is MDETR-style (its image entries carry captions)."""
+    return any("caption" in img for img in coco.imgs.values())
+
+
+def iter_mdetr(coco, ann_json: str | Path, image_root: str | Path | None, counts: StageCounts,
+               check_images: bool = True) -> Iterator[GroundedSample]:
+    """``load_mdetr`` on an already loaded ``COCO`` object (``load_coco_api``)."""
     root = check_image_root(image_root)
     count_orphan_annotations(coco, counts, ann_json)
     for img_id in sorted(coco.imgs):
@@ -200,4 +211,4 @@ def write_mdetr(samples: Iterable[GroundedSample], path: str | Path,
     write_json_atomic(path, mdetr_dict(samples, image_root))
 
 
-__all__ = ["load_mdetr", "write_mdetr", "mdetr_dict", "load_coco_api", "source_of"]
+__all__ = ["load_mdetr", "iter_mdetr", "is_mdetr", "write_mdetr", "mdetr_dict", "load_coco_api", "source_of"]

@@ -2,20 +2,43 @@
 
 WebDataset's rule: a member ``dir/abc.jpg`` belongs to sample ``dir/abc``; the
 extension is everything after the first dot of the basename. Members of one
-sample are consecutive. Reading is streaming (``tarfile`` mode ``r|``), so memory
-holds one sample at a time whatever the tar's size.
+sample are consecutive. Reading is streaming, so memory holds one sample at a
+time whatever the tar's size.
 
-A tar that ends early or has a broken header yields what came before, then
-reports ``truncated_tar`` through the caller's ``StageCounts``; it never raises.
+Tars in the POSIX/GNU ``ustar`` family (what Python's ``tarfile``, webdataset,
+img2dataset and GNU tar write) are read by a small header parser: ``tarfile`` spends
+most of a metadata-only scan decoding header fields we never use, and members we
+do not want (images, when only the JSON is needed) are seeked over, not read.
+Anything else (old v7 tars, compressed tars) goes through ``tarfile``.
+
+A tar that ends early (no end-of-archive block, a short member) or has a corrupt
+header yields what came before, then reports ``truncated_tar`` through the caller's
+``StageCounts``; it never raises.
 """
 from __future__ import annotations
 
 import tarfile
 import zlib
 from pathlib import Path
-from typing import Iterator
+from typing import BinaryIO, Iterator
 
 from storage.skips import StageCounts
+
+BLOCK = 512
+_REGULAR = (b"0", b"\0", b"7")
+Groups = Iterator[tuple[str, dict[str, "bytes | None"]]]
+
+
+class CorruptTar(Exception):
+    """The tar cannot be read past this point (truncated, or a header that does not parse).
+
+    ``member``: the name of the member whose data was cut short, when its header was read
+    (the sample before it is then known to be complete).
+    """
+
+    def __init__(self, message: str, member: str | None = None):
+        super().__init__(message)
+        self.member = member
 
 
 def split_member_name(name: str) -> tuple[str, str]:
@@ -30,41 +53,157 @@ def split_member_name(name: str) -> tuple[str, str]:
     return name[: slash + 1 + dot], base[dot + 1:].lower()
 
 
+def _number(field: bytes) -> int:
+    if field[:1] and field[0] & 0x80:          # GNU base-256 for sizes >= 8 GiB
+        return tarfile.nti(field)
+    field = field.strip(b"\0 ")
+    try:
+        return int(field, 8) if field else 0
+    except ValueError:
+        raise CorruptTar(f"bad number field {field!r}") from None
+
+
+def _pax_records(data: bytes) -> dict[str, str]:
+    """``"%d key=value\\n"`` records of a PAX extended header."""
+    out, pos = {}, 0
+    while pos < len(data):
+        space = data.find(b" ", pos)
+        if space < 0:
+            break
+        length = int(data[pos:space])
+        if length <= 0:
+            break
+        key, _, value = data[space + 1: pos + length - 1].partition(b"=")
+        out[key.decode("utf-8", "replace")] = value.decode("utf-8", "replace")
+        pos += length
+    return out
+
+
+def _read_exact(fh: BinaryIO, n: int) -> bytes:
+    data = fh.read(n)
+    if len(data) != n:
+        raise CorruptTar(f"unexpected end of file ({len(data)} of {n} bytes)")
+    return data
+
+
+def _ustar_members(fh: BinaryIO, wanted_name) -> Iterator[tuple[str, bytes | None]]:
+    """``(member name, data or None)`` for the regular files of a ustar tar opened at offset 0.
+
+    ``wanted_name(name) -> bool`` says whose data to read; the others are seeked over.
+    """
+    long_name: str | None = None
+    pax: dict[str, str] = {}
+    while True:
+        header = fh.read(BLOCK)
+        if len(header) < BLOCK:
+            raise CorruptTar("no end-of-archive block")
+        if header.count(0) == BLOCK:                # end of archive
+            return
+        if header[257:262] != b"ustar":
+            raise CorruptTar("header without ustar magic")
+        chksum = _number(header[148:156])
+        if chksum != sum(header[:148]) + 256 + sum(header[156:]):
+            raise CorruptTar("header checksum mismatch")
+        size = _number(header[124:136])
+        kind = header[156:157]
+        padded = (size + BLOCK - 1) // BLOCK * BLOCK
+        if kind in (b"x", b"L"):                     # metadata for the next header
+            data = _read_exact(fh, padded)[:size]
+            if kind == b"L":
+                long_name = data.rstrip(b"\0").decode("utf-8", "replace")
+            else:
+                pax = _pax_records(data)
+            continue
+        name = header[0:100].split(b"\0", 1)[0].decode("utf-8", "replace")
+        if header[257:263] == b"ustar\0":           # POSIX: a prefix may hold the leading path
+            prefix = header[345:500].split(b"\0", 1)[0]
+            if prefix:
+                name = prefix.decode("utf-8", "replace") + "/" + name
+        name = pax.get("path") or long_name or name
+        if "size" in pax:
+            size = int(pax["size"])
+            padded = (size + BLOCK - 1) // BLOCK * BLOCK
+        long_name, pax = None, {}
+        if kind in _REGULAR and wanted_name(name):
+            try:
+                data = _read_exact(fh, padded)
+            except CorruptTar as exc:
+                raise CorruptTar(str(exc), member=name) from None
+            yield name, data[:size]
+        else:
+            if padded:
+                fh.seek(padded, 1)   # past the end of a cut file: the next header read fails
+            if kind in _REGULAR:
+                yield name, None
+
+
+def _tarfile_members(path: str, wanted_name) -> Iterator[tuple[str, bytes | None]]:
+    """The same as ``_ustar_members`` through ``tarfile`` (other tar flavours, compression)."""
+    current: str | None = None   # the member being read when the file breaks
+    try:
+        with tarfile.open(path, mode="r|*") as tar:
+            for member in tar:
+                current = None
+                if not member.isfile():
+                    continue
+                if not wanted_name(member.name):
+                    yield member.name, None
+                    continue
+                current = member.name
+                fh = tar.extractfile(member)
+                data = fh.read() if fh is not None else b""
+                if len(data) != member.size:
+                    raise CorruptTar(f"member {member.name} is short", member=member.name)
+                current = None
+                yield member.name, data
+    except (tarfile.TarError, EOFError, zlib.error) as exc:
+        raise CorruptTar(str(exc), member=current) from None
+
+
+def _members(path: str, wanted_name) -> Iterator[tuple[str, bytes | None]]:
+    with open(path, "rb", buffering=1 << 20) as fh:
+        first = fh.read(BLOCK)
+        fh.seek(0)
+        if len(first) == BLOCK and first[257:262] == b"ustar":
+            yield from _ustar_members(fh, wanted_name)
+            return
+    yield from _tarfile_members(path, wanted_name)
+
+
 def iter_tar_groups(path: str | Path, counts: StageCounts,
-                    wanted: frozenset[str] | None = None) -> Iterator[tuple[str, dict[str, bytes | None]]]:
+                    wanted: frozenset[str] | None = None) -> Groups:
     """Yield ``(key, {extension: bytes or None})`` for each sample in the tar at ``path``.
 
     ``wanted``: extensions whose bytes are read (others are skipped without reading,
     which saves copying images when only metadata is needed; unread members map to
-    None); ``wanted=None`` reads all.
-    Truncation or a corrupt header is counted once as ``truncated_tar`` and ends the file.
+    None); ``wanted=None`` reads all. Truncation or a corrupt header is counted once as
+    ``truncated_tar`` and ends the file; the sample being read at the break is dropped.
     """
     path = str(path)
+
+    def wanted_name(name: str) -> bool:
+        if wanted is None:
+            return True
+        return split_member_name(name)[1] in wanted
+
     key: str | None = None
     group: dict[str, bytes | None] = {}
     try:
-        with tarfile.open(path, mode="r|*") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                k, ext = split_member_name(member.name)
-                if not k:
-                    continue
-                if k != key:
-                    if key is not None:
-                        yield key, group
-                    key, group = k, {}
-                if wanted is None or ext in wanted:
-                    fh = tar.extractfile(member)
-                    data = fh.read() if fh is not None else b""
-                    if len(data) != member.size:
-                        raise tarfile.ReadError(f"member {member.name} is short")
-                    group[ext] = data
-                else:
-                    group.setdefault(ext, None)   # present, not read
-    except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
-        counts.skip("truncated_tar", path, f"after key {key!r}: {exc}")
-        # the partial sample at the break is dropped: its members may be incomplete
+        for name, data in _members(path, wanted_name):
+            k, ext = split_member_name(name)
+            if not k:
+                continue
+            if k != key:
+                if key is not None:
+                    yield key, group
+                key, group = k, {}
+            group[ext] = data
+    except (CorruptTar, OSError) as exc:
+        cut = getattr(exc, "member", None)
+        if key is not None and cut is not None and split_member_name(cut)[0] != key:
+            yield key, group          # the break is inside the next sample: this one is whole
+            key = cut
+        counts.skip("truncated_tar", path, f"at key {key!r}: {exc}")
         return
     if key is not None:
         yield key, group
