@@ -1,7 +1,99 @@
-"""`glipctl train-student`."""
-from pipelines.common import not_implemented
+"""`glipctl train-student`: Ray Train DDP on gold grounding + pseudo-label shards (+ detection data)."""
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
 
 
-def main() -> None:
-    """Not implemented yet."""
-    not_implemented("train-student")
+def main(
+    out: Annotated[str, typer.Option("--out", help="Output folder: the final checkpoint at its top "
+                                     "(GLIP.from_pretrained(OUT)), checkpoints/, metrics.jsonl, _manifest.json.",
+                                     show_default=False)],
+    gold: Annotated[Optional[list[str]], typer.Option(
+        "--gold", help="MDETR/GoldG grounding data as ANN.json=IMAGE_DIR (repeatable).")] = None,
+    pseudo: Annotated[Optional[list[str]], typer.Option(
+        "--pseudo", help="Pseudo-label shard folder or .tar from `glipctl pseudo-label` (repeatable).")] = None,
+    detection: Annotated[Optional[list[str]], typer.Option(
+        "--detection", help="COCO detection data as ANN.json=IMAGE_DIR, trained as prompts of category names "
+                            "with random negative categories (repeatable).")] = None,
+    mix: Annotated[Optional[str], typer.Option(
+        help="Sampling weight per source, e.g. gold=1,pseudo=2,detection=1 (sources left out weigh 1).")] = None,
+    preset: Annotated[str, typer.Option(help="Model preset when not resuming or --init: tiny, glip-t, glip-l.")] = "tiny",
+    text_encoder: Annotated[Optional[str], typer.Option(
+        help="Local BERT folder for the text encoder (default: the preset's).")] = None,
+    init: Annotated[Optional[str], typer.Option(
+        help="Start from these weights: a glipctl checkpoint folder or an official GLIP .pth.")] = None,
+    steps: Annotated[int, typer.Option(min=1, help="Optimizer steps in total (a resumed run continues to it).")] = 1000,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per step per worker.")] = 4,
+    lr: Annotated[float, typer.Option(help="Peak learning rate of everything but the text encoder (AdamW).")] = 1e-4,
+    text_lr: Annotated[float, typer.Option(help="Peak learning rate of the text encoder.")] = 1e-5,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay (not on biases and norms).")] = 0.05,
+    warmup: Annotated[int, typer.Option(min=0, help="Linear warm-up steps.")] = 100,
+    schedule: Annotated[str, typer.Option(help="Decay after warm-up: cosine, or step (x0.1 at 67% and 89%).")] = "cosine",
+    grad_clip: Annotated[float, typer.Option(help="Clip the gradients' global L2 norm to this (0: off).")] = 1.0,
+    workers: Annotated[int, typer.Option(min=1, help="Ray Train workers (DDP processes).")] = 1,
+    gpus_per_worker: Annotated[float, typer.Option(
+        min=0.0, help="GPUs per worker; > 0 trains on GPU with NCCL, 0 on CPU with gloo.")] = 0.0,
+    cpus_per_worker: Annotated[float, typer.Option(min=0.1, help="CPUs per worker (also its torch threads).")] = 1.0,
+    amp: Annotated[bool, typer.Option("--amp", help="bf16 autocast (GPU only).")] = False,
+    pseudo_min_score: Annotated[float, typer.Option(
+        help="Drop pseudo-label boxes scored below this; a sample left without boxes is skipped.")] = 0.0,
+    min_size: Annotated[Optional[int], typer.Option(
+        help="Training/inference shorter side in pixels (default: the preset's).")] = None,
+    max_size: Annotated[Optional[int], typer.Option(
+        help="Longer side at most, in pixels (default: the preset's).")] = None,
+    checkpoint_every: Annotated[int, typer.Option(min=0, help="Write a checkpoint every N steps (0: only at the end).")] = 500,
+    keep: Annotated[int, typer.Option(min=1, help="Checkpoints kept in OUT/checkpoints (newest).")] = 2,
+    log_every: Annotated[int, typer.Option(min=1, help="Write a metrics.jsonl row every N steps.")] = 10,
+    eval: Annotated[Optional[list[str]], typer.Option(
+        "--eval", help="Held-out data ANN.json=IMAGE_DIR: COCO detection (AP) or MDETR grounding (Recall@k), "
+                       "plus held-out loss (repeatable).")] = None,
+    eval_every: Annotated[int, typer.Option(min=0, help="Evaluate every N steps (needs --eval).")] = 0,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint in OUT.")] = False,
+    address: Annotated[Optional[str], typer.Option(help="Ray cluster to join (default: RAY_ADDRESS or local).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of sampling, augmentation and initialisation.")] = 0,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every skip reason.")] = False,
+) -> None:
+    """Train a GLIP student on gold grounding data plus pseudo-label shards (gold only: a teacher) with Ray Train."""
+    from pipelines.common import console, setup_logging
+    from pipelines.training import AnnotatedImages, TrainOptions, parse_mix, train
+    from pipelines.training.loop import TrainingDiverged
+
+    setup_logging(verbose)
+    overrides = {k: v for k, v in (("min_size", min_size), ("max_size", max_size)) if v is not None}
+    options = TrainOptions(
+        out=out, gold=[AnnotatedImages.parse(v, "--gold") for v in gold or []], pseudo=list(pseudo or []),
+        detection=[AnnotatedImages.parse(v, "--detection") for v in detection or []], mix=parse_mix(mix),
+        preset=preset, text_encoder=text_encoder, init=init, model_overrides=overrides, steps=steps,
+        batch_size=batch_size, lr=lr, text_lr=text_lr, weight_decay=weight_decay, warmup=warmup,
+        schedule=schedule, grad_clip=grad_clip, workers=workers, gpus_per_worker=gpus_per_worker,
+        cpus_per_worker=cpus_per_worker, amp=amp, pseudo_min_score=pseudo_min_score,
+        checkpoint_every=checkpoint_every, keep=keep, log_every=log_every,
+        eval=[AnnotatedImages.parse(v, "--eval") for v in eval or []], eval_every=eval_every,
+        resume=resume, address=address, seed=seed)
+    try:
+        result = train(options)
+    except TrainingDiverged as exc:
+        console.print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(code=1) from None
+    _print_summary(console, result)
+
+
+def _print_summary(console, result) -> None:
+    from rich.table import Table
+
+    table = Table(title="train-student", show_header=True)
+    table.add_column("")
+    table.add_column("value", justify="right")
+    table.add_row("steps", f"{result.start_step} -> {result.step}")
+    if result.final_loss is not None:
+        table.add_row("final loss", f"{result.final_loss:.4f}")
+    if result.samples_per_s:
+        table.add_row("samples/s", f"{result.samples_per_s:.2f}")
+    for source, c in result.counts.items():
+        table.add_row(f"{source}: read / trained on", f"{c.get('read', 0):,} / {c.get('written', 0):,}")
+        for reason, n in c.get("skipped", {}).items():
+            table.add_row(f"{source}: skipped {reason}", f"{n:,}")
+    table.add_row("model", str(result.out))
+    console.print(table)

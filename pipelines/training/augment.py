@@ -15,6 +15,8 @@ from PIL import Image
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
+from glip.preprocess import resized_size
+
 # A mirrored image makes "the man on the left" false; such captions are never flipped.
 _SIDE_WORDS = re.compile(r"\b(left|right)\b", re.IGNORECASE)
 
@@ -34,8 +36,9 @@ class Augmented:
 
 class TrainAugment:
     """Resize (shortest side to a random one of ``min_sizes``, longest side at most
-    ``max_size``), colour jitter, horizontal flip with probability ``flip_p`` where the
-    caption allows it; ``train=False`` does the resize only (evaluation).
+    ``max_size``, by the model's own rule ``glip.preprocess.resized_size`` and, like
+    ``model.prepare_image``, on the PIL image), colour jitter, horizontal flip with
+    probability ``flip_p`` where the caption allows it; ``train=False`` resizes only.
 
     Randomness comes from torch's global generator, so restoring ``torch.get_rng_state()``
     replays the same augmentations (resume).
@@ -48,7 +51,6 @@ class TrainAugment:
         self.train = train
         self.flip_p = flip_p if train else 0.0
         self.min_box_side = min_box_side
-        self.resizes = {s: v2.Resize(s, max_size=max_size, antialias=True) for s in self.min_sizes}
         self.colour = v2.ColorJitter(brightness=jitter, contrast=jitter, saturation=jitter) if train and jitter else None
         self.flip = v2.RandomHorizontalFlip(p=1.0)
         self.to_float = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True)])
@@ -61,10 +63,12 @@ class TrainAugment:
         """``boxes_xyxy`` float [N, 4] in pixels of ``image`` (PIL, RGB)."""
         boxes = tv_tensors.BoundingBoxes(boxes_xyxy.reshape(-1, 4).float(), format="XYXY",
                                          canvas_size=(image.height, image.width))
-        sample = {"image": self.to_float(image), "boxes": boxes,
-                  "keep": torch.arange(boxes.shape[0], dtype=torch.int64)}
+        sample = {"image": image, "boxes": boxes, "keep": torch.arange(boxes.shape[0], dtype=torch.int64)}
         size = self.min_sizes[int(torch.randint(len(self.min_sizes), ()))] if len(self.min_sizes) > 1 else self.min_sizes[0]
-        sample = self.resizes[size](sample)
+        new_w, new_h = resized_size(image.width, image.height, size, self.max_size)
+        if (new_w, new_h) != (image.width, image.height):
+            sample = v2.Resize((new_h, new_w), antialias=True)(sample)
+        sample["image"] = self.to_float(sample["image"])
         flipped = False
         if self.flip_p > 0 and caption_allows_flip(caption) and float(torch.rand(())) < self.flip_p:
             sample = self.flip(sample)

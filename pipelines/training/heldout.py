@@ -1,0 +1,95 @@
+"""Periodic evaluation during training (rank 0): held-out loss, plus AP or Recall@k.
+
+``--eval ANN.json=IMAGE_DIR`` takes either format: a COCO detection file (its images get the
+prompt of all category names; metrics: COCO AP through ``labeling.evaluation``) or an MDETR
+grounding file (the captions; metrics: phrase Recall@k). The held-out loss uses the first
+``eval_samples`` images, resized only (no flip, no jitter), so it is comparable across steps.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from storage.skips import StageCounts
+
+from pipelines.training.augment import TrainAugment
+from pipelines.training.feed import MixedFeed
+from pipelines.training.options import AnnotatedImages
+from pipelines.training.sources import TrainingSources, load_detection, load_gold
+
+
+def is_detection_file(path: str) -> bool:
+    """True for COCO detection JSON, False for MDETR grounding JSON (images carry captions)."""
+    with open(path, encoding="utf-8") as fh:
+        images = json.load(fh).get("images") or [{}]
+    return "caption" not in images[0]
+
+
+@dataclass
+class HeldOutSet:
+    """One ``--eval`` file with its records loaded on the driver (picklable)."""
+    spec: AnnotatedImages
+    detection: bool
+    sources: TrainingSources
+
+    @classmethod
+    def load(cls, spec: AnnotatedImages, counts: StageCounts) -> "HeldOutSet":
+        detection = is_detection_file(spec.annotations)
+        if detection:
+            return cls(spec, True, TrainingSources(detection=load_detection([spec], counts)))
+        return cls(spec, False, TrainingSources(gold=load_gold([spec], counts)))
+
+
+class HeldOutEvaluator:
+    """Evaluates ``model`` on the held-out sets; examples are prepared once."""
+
+    def __init__(self, sets: list[HeldOutSet], min_size: int, max_size: int, max_tokens: int,
+                 samples: int, batch_size: int, seed: int = 0):
+        self.sets, self.batch_size = sets, batch_size
+        augment = TrainAugment(min_size, max_size, train=False)
+        self.examples = []
+        for held in sets:
+            source = "detection" if held.detection else "gold"
+            size = len(held.sources.detection if held.detection else held.sources.gold)
+            # every category named, none at random: the whole vocabulary as negatives
+            feed = MixedFeed(held.sources, {source: 1.0}, augment, seed=seed, detection_negatives=10 ** 6,
+                             max_tokens=max_tokens)
+            self.examples.extend(feed.next_batch(min(samples, size)))
+
+    @torch.no_grad()
+    def __call__(self, model) -> dict[str, Any]:
+        """``{"eval_loss": .., "eval_loss_cls": .., ..., "eval_AP": .., "eval_R@1": ..}``."""
+        was_training = model.training
+        model.eval()
+        try:
+            totals: dict[str, float] = {}
+            for i in range(0, len(self.examples), self.batch_size):
+                batch = self.examples[i:i + self.batch_size]
+                losses = model([e.image for e in batch], [e.caption for e in batch],
+                               [{"boxes": e.boxes, "tokens_positive": e.tokens_positive} for e in batch])
+                for name, value in losses.items():
+                    totals[name] = totals.get(name, 0.0) + float(value) * len(batch)
+            row: dict[str, Any] = {f"eval_{k}": v / max(1, len(self.examples)) for k, v in totals.items()}
+            row.update(self.metrics(model))
+            return row
+        finally:
+            model.train(was_training)
+
+    def metrics(self, model) -> dict[str, float]:
+        """AP (detection files) or Recall@k (grounding files), from ``labeling.evaluation``."""
+        from labeling.evaluation import evaluate_coco, evaluate_grounding
+
+        row: dict[str, float] = {}
+        for held in self.sets:
+            if held.detection:
+                result = evaluate_coco(model, held.spec.annotations, held.spec.image_root, batch_size=self.batch_size)
+                row.update({f"eval_{k}": float(result[k]) for k in ("AP", "AP50")})
+            else:
+                result = evaluate_grounding(model, held.spec.annotations, held.spec.image_root,
+                                            batch_size=self.batch_size)
+                row.update({f"eval_{k}": float(v) for k, v in result.items() if k.startswith("R@")})
+        return {k: float(np.round(v, 6)) for k, v in row.items()}

@@ -1,0 +1,287 @@
+"""The per-worker training loop: one process per Ray Train worker, DDP between them.
+
+``ray_train_worker(config)`` is what ``TorchTrainer`` runs; it reads rank and device from
+Ray Train's context and calls ``run_worker``, which also runs alone in-process (world size
+1, no process group), the way the unit tests and the benchmark's reference drive it.
+
+Every step: draw ``batch_size`` examples from this worker's ``MixedFeed``, forward with
+losses, all-reduce the loss terms (so every rank sees the same numbers and stops together
+when one is NaN/inf), backward (DDP averages the gradients), clip, AdamW step, LR step.
+Rank 0 logs ``metrics.jsonl``, evaluates, and writes checkpoints holding every rank's
+data position and RNG states.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from storage.atomic import atomic_write
+from storage.skips import StageCounts
+
+from pipelines.training.augment import TrainAugment
+from pipelines.training.checkpointing import (checkpoint_dir, latest_checkpoint, load_train_state, publish,
+                                              save_checkpoint)
+from pipelines.training.feed import MixedFeed
+from pipelines.training.options import TrainOptions
+from pipelines.training.schedule import build_optimizer
+
+log = logging.getLogger("glipctl.train")
+
+METRICS = "metrics.jsonl"
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss (or the gradient norm) became NaN or infinite; the run stops."""
+
+    def __init__(self, step: int, what: str, value: float, checkpoint: str | None):
+        self.step, self.what, self.value, self.checkpoint = step, what, value, checkpoint
+        kept = f"the last good checkpoint is {checkpoint}" if checkpoint else "no checkpoint was written before it"
+        super().__init__(f"training diverged: {what} is {value} at step {step}; stopped ({kept}). "
+                         f"Try a lower --lr or a longer --warmup.")
+
+    def __reduce__(self):
+        return (type(self), (self.step, self.what, self.value, self.checkpoint))
+
+
+@dataclass
+class WorkerContext:
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+
+def ray_train_worker(config: dict[str, Any]) -> dict[str, Any] | None:
+    """Entry point of each Ray Train worker (``TorchTrainer(train_loop_per_worker=...)``)."""
+    import ray.train
+    import ray.train.torch
+
+    ctx = ray.train.get_context()
+    use_gpu = config["options"].gpus_per_worker > 0 and torch.cuda.is_available()
+    device = ray.train.torch.get_device() if use_gpu else torch.device("cpu")
+    return run_worker(config, WorkerContext(ctx.get_world_rank(), ctx.get_world_size(), device))
+
+
+# ----------------------------------------------------------------------------- model
+
+def build_model(options: TrainOptions, checkpoint: str | None = None):
+    """The model to train: a resumed checkpoint, else ``--init`` (checkpoint dir or official
+    .pth), else the preset; ``model_overrides`` apply to the preset, and its ``min_size`` /
+    ``max_size`` (training resolution) also to a loaded model."""
+    from glip import GLIP, load_teacher
+
+    if checkpoint:
+        return GLIP.from_pretrained(checkpoint)
+    if options.init:
+        model = load_teacher(options.init, preset=options.preset if options.preset != "tiny" else None)
+        sizes = {k: v for k, v in options.model_overrides.items() if k in ("min_size", "max_size")}
+        if sizes:
+            model.config = model.config.replace(**sizes)
+        return model
+    overrides = dict(options.model_overrides)
+    if options.text_encoder:
+        overrides["text_encoder"] = options.text_encoder
+    return GLIP.from_preset(options.preset, **overrides)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def _gather(obj: Any, world: int) -> list[Any]:
+    if world == 1:
+        return [obj]
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def merge_counts(per_rank: list[dict[str, dict]]) -> dict[str, dict]:
+    """Sum the per-source counts of every rank (``MixedFeed.all_counts`` dicts)."""
+    total: dict[str, StageCounts] = {}
+    for counts in per_rank:
+        for name, c in counts.items():
+            total.setdefault(name, StageCounts()).merge(c)
+    return {name: c.to_dict() for name, c in sorted(total.items())}
+
+
+class MetricsLog:
+    """``metrics.jsonl``: one JSON object per logged step, appended and flushed as it comes.
+
+    An append-only log (not rewritten atomically per line); a torn last line from a crash is
+    ignored by ``read_metrics``. On resume the rows after the resumed step are cut (one atomic
+    rewrite) so the curve continues without duplicates.
+    """
+
+    def __init__(self, out: Path, start_step: int):
+        self.path = out / METRICS
+        rows = [r for r in read_metrics(self.path) if r.get("step", 0) <= start_step]
+        with atomic_write(self.path, "w") as fh:
+            fh.writelines(json.dumps(r) + "\n" for r in rows)
+
+    def write(self, row: dict[str, Any]) -> None:
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(row) + "\n")
+            fh.flush()
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The rows of a ``metrics.jsonl`` (a torn last line is skipped)."""
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def run_worker(config: dict[str, Any], ctx: WorkerContext = WorkerContext()) -> dict[str, Any] | None:
+    """Train until ``options.steps``; rank 0 returns a summary dict, other ranks None.
+
+    ``config``: ``options`` (TrainOptions), ``sources`` (TrainingSources), ``out`` (absolute
+    output folder), ``resume_from`` (checkpoint folder or None), ``heldout`` (HeldOutSets).
+    """
+    options: TrainOptions = config["options"]
+    rank, world, device = ctx.rank, ctx.world, ctx.device
+    out = Path(config["out"])
+    torch.set_num_threads(max(1, int(options.cpus_per_worker)))
+    resume_from = config.get("resume_from")
+    state = load_train_state(resume_from) if resume_from else None
+    torch.manual_seed(options.seed + 1000 * rank)
+    random.seed(options.seed + 1000 * rank)
+
+    model = build_model(options, resume_from).to(device)
+    model.train()
+    optimizer, scheduler = build_optimizer(model, options.lr, options.text_lr, options.weight_decay,
+                                           options.steps, options.warmup, options.schedule)
+    cfg = model.config
+    augment = TrainAugment(cfg.min_size, cfg.max_size, train=options.augment)
+    feed = MixedFeed(config["sources"], options.mix, augment, options.seed, rank, world,
+                     pseudo_min_score=options.pseudo_min_score, detection_negatives=options.detection_negatives,
+                     shuffle_buffer=options.shuffle_buffer, max_tokens=cfg.max_query_len)
+    start_step = 0
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_step = int(state["step"])
+        ranks = state.get("ranks") or []
+        if state.get("world_size") == world and rank < len(ranks):
+            feed.load_state_dict(ranks[rank]["feed"])
+            _set_rng_state(ranks[rank]["rng"], device)
+        else:   # another worker count: positions cannot map one to one; draw afresh
+            log.warning("resuming with %d workers (checkpoint had %s): data order restarts", world,
+                        state.get("world_size"))
+    train_model = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    amp = options.amp and device.type == "cuda"
+    if options.amp and not amp and rank == 0:
+        log.warning("--amp needs a GPU: training in float32")
+
+    metrics = MetricsLog(out, start_step) if rank == 0 else None
+    evaluator = None
+    if rank == 0 and options.eval_every and config.get("heldout"):
+        from pipelines.training.heldout import HeldOutEvaluator
+        evaluator = HeldOutEvaluator(config["heldout"], cfg.min_size, cfg.max_size, cfg.max_query_len,
+                                     options.eval_samples, options.batch_size, options.seed)
+    last_checkpoint = latest_checkpoint(out) if resume_from else None
+    params = [p for p in model.parameters() if p.requires_grad]
+    names: list[str] | None = None
+    window_start, window_samples = time.perf_counter(), 0
+    run_start = time.perf_counter()
+    rows: list[dict[str, Any]] = []
+
+    for step in range(start_step, options.steps):
+        batch = feed.next_batch(options.batch_size)
+        images = [e.image.to(device, non_blocking=True) for e in batch]
+        targets = [{"boxes": e.boxes.to(device), "tokens_positive": e.tokens_positive} for e in batch]
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            losses = train_model(images, [e.caption for e in batch], targets)
+        if names is None:
+            names = ["loss"] + sorted(k for k in losses if k != "loss")
+        terms = torch.stack([losses[n].detach().float() for n in names])
+        if world > 1:
+            dist.all_reduce(terms)
+            terms /= world
+        done = step + 1
+        if not torch.isfinite(terms).all():
+            bad = next(n for n, v in zip(names, terms.tolist()) if not math.isfinite(v))
+            raise TrainingDiverged(done, bad, float(terms[names.index(bad)]),
+                                   str(last_checkpoint) if last_checkpoint else None)
+        optimizer.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        grad_norm = None
+        if options.grad_clip > 0:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, options.grad_clip))
+            if not math.isfinite(grad_norm):   # identical on every rank: DDP averaged the gradients
+                raise TrainingDiverged(done, "the gradient norm", grad_norm,
+                                       str(last_checkpoint) if last_checkpoint else None)
+        lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}   # the rates this step used
+        optimizer.step()
+        scheduler.step()
+        window_samples += len(batch) * world
+
+        log_now = done % options.log_every == 0 or done == options.steps
+        eval_now = evaluator is not None and (done % options.eval_every == 0 or done == options.steps)
+        if rank == 0 and (log_now or eval_now):
+            elapsed = time.perf_counter() - window_start
+            row = {"step": done, **{n: round(float(v), 6) for n, v in zip(names, terms.tolist())}}
+            row["lr"] = lrs.get("main", next(iter(lrs.values())))
+            if "text" in lrs:
+                row["text_lr"] = lrs["text"]
+            if grad_norm is not None:
+                row["grad_norm"] = round(grad_norm, 4)
+            row["samples_per_s"] = round(window_samples / elapsed, 3) if elapsed > 0 else None
+            row["elapsed_s"] = round(time.perf_counter() - run_start, 2)
+            if eval_now:
+                row.update(evaluator(model))
+            metrics.write(row)
+            rows.append(row)
+            window_start, window_samples = time.perf_counter(), 0
+
+        if (options.checkpoint_every and done % options.checkpoint_every == 0) or done == options.steps:
+            rank_states = _gather({"feed": feed.state_dict(), "rng": _rng_state(device)}, world)
+            if rank == 0:
+                train_state = {"step": done, "optimizer": optimizer.state_dict(),
+                               "scheduler": scheduler.state_dict(), "world_size": world,
+                               "ranks": rank_states, "loss_terms": names, "options": options.to_dict()}
+                save_checkpoint(out, done, model.save_pretrained, train_state, options.keep)
+            last_checkpoint = checkpoint_dir(out, done)
+            window_start = time.perf_counter()   # samples/s measures training, not checkpoint writes
+
+    all_counts = _gather(feed.all_counts(), world)
+    if rank != 0:
+        return None
+    final = latest_checkpoint(out)
+    if final is not None:
+        publish(final, out)
+    seconds = time.perf_counter() - run_start
+    trained = (options.steps - start_step) * options.batch_size * world
+    return {"step": options.steps, "start_step": start_step, "counts": merge_counts(all_counts),
+            "rows": rows, "seconds": seconds, "samples_per_s": trained / seconds if seconds > 0 else 0.0}

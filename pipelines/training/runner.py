@@ -1,0 +1,190 @@
+"""The driver side of ``glipctl train-student``: check inputs, start Ray Train, show progress.
+
+``train(options)`` loads and checks every source here (bad input fails before any worker
+starts, with exit 2 from the CLI), then runs one ``TorchTrainer`` fit: ``options.workers``
+workers, DDP over gloo (CPU) or NCCL (GPU). Rank 0 writes checkpoints and ``metrics.jsonl``
+straight into ``--out`` (see ``checkpointing`` for why not Ray Train's own checkpoints);
+the driver follows ``metrics.jsonl`` for the progress bar and writes ``_manifest.json``.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from storage.errors import InputError
+from storage.manifest import Manifest
+from storage.skips import StageCounts
+
+from pipelines.training.checkpointing import latest_checkpoint, list_checkpoints, load_train_state, publish
+from pipelines.training.options import TrainOptions, TrainResult
+from pipelines.training.sources import load_sources
+
+log = logging.getLogger("glipctl.train")
+
+STAGE = "train-student"
+
+
+def _resume_point(options: TrainOptions, out: Path) -> Path | None:
+    existing = latest_checkpoint(out)
+    if existing is not None and not options.resume:
+        raise InputError(f"{out} already holds checkpoints (newest {existing.name}); "
+                         f"pass --resume to continue that run or choose another --out")
+    if options.resume and existing is None:
+        log.warning("--resume: no checkpoint in %s yet, starting from step 0", out)
+    return existing if options.resume else None
+
+
+def _model_identity(options: TrainOptions, resume_from: Path | None) -> dict[str, Any]:
+    return {"preset": options.preset, "init": options.init, "text_encoder": options.text_encoder,
+            "overrides": options.model_overrides, "resumed_from": str(resume_from) if resume_from else None}
+
+
+def _write_manifest(out: Path, options: TrainOptions, resume_from: Path | None, status: str,
+                    counts: dict[str, dict], step: int, error: str | None = None) -> None:
+    manifest = Manifest(stage=STAGE, options=options.to_dict(), model=_model_identity(options, resume_from))
+    for name, c in counts.items():
+        manifest.mark(name, status, counts=c, error=error)
+    manifest.options["reached_step"] = step
+    manifest.save(out)
+
+
+def _driver_counts(sources_counts: dict[str, StageCounts], worker_counts: dict[str, dict]) -> dict[str, dict]:
+    """Per source: ``read`` = records read from the input (annotation entries, shard samples),
+    ``written`` = examples trained on, ``skipped`` = every reason, from loading and drawing."""
+    total: dict[str, StageCounts] = {}
+    for name, c in sources_counts.items():
+        if c.read or c.skipped:
+            total.setdefault(name, StageCounts()).merge(c)
+    for name, c in worker_counts.items():
+        drawn = StageCounts.from_dict(c)
+        merged = total.setdefault("pseudo" if name == "_pseudo_reader" else name, StageCounts())
+        if name == "_pseudo_reader":      # the shard reader: what was read from the tars
+            merged.read += drawn.read
+        else:                             # the feed: its "read" are draws, not input records
+            merged.written += drawn.written
+        merged.skipped.update(drawn.skipped)
+    return {name: c.to_dict() for name, c in sorted(total.items())}
+
+
+class _Progress:
+    """Follows ``metrics.jsonl`` from a thread: step, loss terms, samples/s, ETA (rich)."""
+
+    def __init__(self, path: Path, start_step: int, steps: int, enabled: bool):
+        self.path, self.start_step, self.steps, self.enabled = path, start_step, steps, enabled
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> "_Progress":
+        if self.enabled:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self.enabled:
+            self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        from pipelines.common import console
+        from pipelines.training.loop import read_metrics
+
+        columns = (TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                   TextColumn("{task.fields[info]}"))
+        with Progress(*columns, console=console, transient=False) as bar:
+            task = bar.add_task("train", total=self.steps, completed=self.start_step, info="starting workers")
+            seen = 0
+            while True:
+                stopping = self._stop.wait(1.0)
+                rows = [r for r in read_metrics(self.path) if r.get("step", 0) > self.start_step]
+                if len(rows) > seen:
+                    seen, row = len(rows), rows[-1]
+                    losses = " ".join(f"{k.removeprefix('loss_') if k != 'loss' else 'loss'}={row[k]:.3f}"
+                                      for k in row if k.startswith("loss"))
+                    speed = f"{row['samples_per_s']:.1f} samples/s" if row.get("samples_per_s") else ""
+                    bar.update(task, completed=row["step"], info=f"{losses} {speed}")
+                if stopping:
+                    break
+
+
+def _unwrap_worker_error(exc: BaseException) -> BaseException | None:
+    """The user-facing error inside a Ray Train failure (InputError, TrainingDiverged), if any."""
+    from pipelines.training.loop import TrainingDiverged
+
+    failures = getattr(exc, "worker_failures", None) or {}
+    for rank in sorted(failures):
+        error = failures[rank]
+        for candidate in (error, getattr(error, "cause", None), getattr(error, "__cause__", None)):
+            if isinstance(candidate, (InputError, TrainingDiverged)):
+                return candidate
+    return None
+
+
+def train(options: TrainOptions, progress: bool = True) -> TrainResult:
+    """Train as ``glipctl train-student`` does; returns where the model is and what happened.
+
+    Raises InputError for bad input (before Ray starts when it can be seen on the driver),
+    ``TrainingDiverged`` when the loss becomes NaN/inf (checkpoints written before it stay).
+    """
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from pipelines.common import ensure_ray
+    from pipelines.training.heldout import HeldOutSet
+    from pipelines.training.loop import TrainingDiverged, ray_train_worker, read_metrics
+
+    options.validate()
+    out = Path(options.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    resume_from = _resume_point(options, out)
+    started = time.perf_counter()
+    if resume_from is not None:
+        done_step = int(load_train_state(resume_from)["step"])
+        if done_step >= options.steps:
+            publish(resume_from, out)
+            log.warning("%s is already at step %d (>= --steps %d): nothing to train", out, done_step, options.steps)
+            return TrainResult(out, done_step, done_step, [], {}, [p for _, p in list_checkpoints(out)], 0.0, 0.0)
+
+    sources = load_sources(options.gold, options.detection, options.pseudo)
+    eval_counts = StageCounts()
+    heldout = [HeldOutSet.load(spec, eval_counts) for spec in options.eval] if options.eval_every else []
+    start_step = int(load_train_state(resume_from)["step"]) if resume_from else 0
+    _write_manifest(out, options, resume_from, "running", _driver_counts(sources.counts, {}), start_step)
+
+    use_gpu = options.gpus_per_worker > 0
+    resources = {"CPU": options.cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = options.gpus_per_worker
+    config = {"options": options, "sources": sources, "out": str(out),
+              "resume_from": str(resume_from) if resume_from else None, "heldout": heldout}
+    ensure_ray(options.address)
+    trainer = TorchTrainer(
+        ray_train_worker, train_loop_config=config,
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=options.workers, use_gpu=use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(name=f"train-student-{int(time.time() * 1000)}", storage_path=str(out / "_ray"),
+                             failure_config=FailureConfig(max_failures=0)),
+    )
+    try:
+        with _Progress(out / "metrics.jsonl", start_step, options.steps, progress):
+            result = trainer.fit()
+    except Exception as exc:   # Ray Train wraps worker errors; surface ours as they are
+        inner = _unwrap_worker_error(exc)
+        reached = max([start_step] + [s for s, _ in list_checkpoints(out)])
+        _write_manifest(out, options, resume_from, "failed", _driver_counts(sources.counts, {}), reached,
+                        error=str(inner or exc)[:2000])
+        if isinstance(inner, (InputError, TrainingDiverged)):
+            raise inner from None
+        raise
+    summary = result.return_value or {}
+    counts = _driver_counts(sources.counts, summary.get("counts", {}))
+    _write_manifest(out, options, resume_from, "done", counts, options.steps)
+    rows = [r for r in read_metrics(out / "metrics.jsonl") if r.get("step", 0) > start_step]
+    return TrainResult(out=out, step=int(summary.get("step", options.steps)), start_step=start_step, metrics=rows,
+                       counts=counts, checkpoints=[p for _, p in list_checkpoints(out)],
+                       seconds=time.perf_counter() - started,
+                       samples_per_s=float(summary.get("samples_per_s", 0.0)))
