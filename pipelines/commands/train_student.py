@@ -58,7 +58,7 @@ def main(
     """Train a GLIP student on gold grounding data plus pseudo-label shards (gold only: a teacher) with Ray Train."""
     from pipelines.common import console, setup_logging
     from pipelines.training import AnnotatedImages, TrainOptions, parse_mix, train
-    from pipelines.training.loop import TrainingDiverged
+    from pipelines.training.loop import TrainingFailed
 
     setup_logging(verbose)
     overrides = {k: v for k, v in (("min_size", min_size), ("max_size", max_size)) if v is not None}
@@ -74,7 +74,7 @@ def main(
         resume=resume, address=address, seed=seed)
     try:
         result = train(options)
-    except TrainingDiverged as exc:
+    except TrainingFailed as exc:   # diverged, or a worker died: not the input's fault, exit 1
         console.print(f"[bold red]error:[/] {exc}")
         raise typer.Exit(code=1) from None
     _print_summary(console, result)

@@ -39,7 +39,11 @@ log = logging.getLogger("glipctl.train")
 METRICS = "metrics.jsonl"
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingFailed(RuntimeError):
+    """The run stopped for a reason that is not bad input; checkpoints written before it stay."""
+
+
+class TrainingDiverged(TrainingFailed):
     """The loss (or the gradient norm) became NaN or infinite; the run stops."""
 
     def __init__(self, step: int, what: str, value: float, checkpoint: str | None):

@@ -128,14 +128,15 @@ def train(options: TrainOptions, progress: bool = True) -> TrainResult:
     """Train as ``glipctl train-student`` does; returns where the model is and what happened.
 
     Raises InputError for bad input (before Ray starts when it can be seen on the driver),
-    ``TrainingDiverged`` when the loss becomes NaN/inf (checkpoints written before it stay).
+    ``TrainingDiverged`` when the loss becomes NaN/inf and ``TrainingFailed`` when a worker
+    dies (checkpoints written before either stay; ``--resume`` continues from them).
     """
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from pipelines.common import ensure_ray
     from pipelines.training.heldout import HeldOutSet
-    from pipelines.training.loop import TrainingDiverged, ray_train_worker, read_metrics
+    from pipelines.training.loop import TrainingDiverged, TrainingFailed, ray_train_worker, read_metrics
 
     options.validate()
     out = Path(options.out).resolve()
@@ -179,7 +180,11 @@ def train(options: TrainOptions, progress: bool = True) -> TrainResult:
                         error=str(inner or exc)[:2000])
         if isinstance(inner, (InputError, TrainingDiverged)):
             raise inner from None
-        raise
+        newest = latest_checkpoint(out)
+        first = next(iter((getattr(exc, "worker_failures", None) or {}).values()), exc)
+        raise TrainingFailed(f"training failed: {type(first).__name__}: {str(first).strip()[:500]}; "
+                             + (f"the newest checkpoint is {newest}: rerun with --resume to continue"
+                                if newest else "no checkpoint was written")) from exc
     summary = result.return_value or {}
     counts = _driver_counts(sources.counts, summary.get("counts", {}))
     _write_manifest(out, options, resume_from, "done", counts, options.steps)
