@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-SCORE_BINS = np.linspace(0.0, 1.0, 11)                         # ten bins of 0.1
+SCORE_BINS = np.arange(11) / 10.0      # ten bins of 0.1; i / 10 lands exactly on 0.3, 0.6 (linspace does not)
 PER_SAMPLE_EDGES = [0, 1, 2, 3, 4, 5, 10, 20, 50]               # last bin: 50 and more
 PER_SAMPLE_LABELS = ["0", "1", "2", "3", "4", "5-9", "10-19", "20-49", "50+"]
 

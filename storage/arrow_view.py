@@ -10,7 +10,8 @@ of shards:
 - samples (``SAMPLE_SCHEMA``): one row per sample, boxes nested;
 - boxes (``BOX_SCHEMA``): one row per box - key, phrase text, bbox, score, source.
 
-Boxes are ``[x, y, w, h]`` float32 pixels, spans ``[start, end)`` character offsets.
+Boxes are ``[x, y, w, h]`` float32 pixels, scores float64 (exact against --where
+literals and histogram edges), spans ``[start, end)`` character offsets.
 Tar shards take a fast path (JSON dict straight into columns, no per-sample
 objects); the checks are those of ``validate_sample`` (bad spans, boxes outside the
 image or of non-positive size are dropped and counted, boxes overlapping the border
@@ -37,7 +38,7 @@ SPAN = pa.list_(pa.int32(), 2)
 BBOX = pa.list_(pa.float32(), 4)
 PHRASE = pa.struct([("text", pa.string()), ("start", pa.int32()), ("end", pa.int32())])
 BOX = pa.struct([("bbox", BBOX), ("tokens_positive", pa.list_(SPAN)), ("phrase", pa.int32()),
-                 ("phrase_text", pa.string()), ("score", pa.float32())])
+                 ("phrase_text", pa.string()), ("score", pa.float64())])
 
 SAMPLE_SCHEMA = pa.schema([
     ("key", pa.string()), ("caption", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
@@ -47,7 +48,7 @@ SAMPLE_SCHEMA = pa.schema([
 
 BOX_SCHEMA = pa.schema([
     ("key", pa.string()), ("box_index", pa.int32()), ("phrase", pa.string()), ("bbox", BBOX),
-    ("score", pa.float32()), ("source", pa.string()), ("file", pa.string()),
+    ("score", pa.float64()), ("source", pa.string()), ("file", pa.string()),
 ])
 
 
@@ -292,7 +293,7 @@ class _Columns:
             ints(self.box_off),
             pa.StructArray.from_arrays([bbox, tokens_positive, ints(self.b_phrase),
                                         pa.array(self.b_text, pa.string()),
-                                        pa.array(np.asarray(self.b_score, dtype=np.float32), f32)],
+                                        pa.array(np.asarray(self.b_score, dtype=np.float64), pa.float64())],
                                        fields=list(BOX)))
         return pa.RecordBatch.from_arrays(
             [pa.array(self.key, pa.string()), pa.array(self.caption, pa.string()),
