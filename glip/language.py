@@ -62,7 +62,7 @@ def bert_config(text_config: dict[str, Any]):
 def load_tokenizer(cfg: GLIPConfig, checkpoint_dir: str | Path | None = None):
     """A fast BERT tokenizer: from a checkpoint's ``tokenizer/``, the encoder's folder, the HF cache, or the
     package vocabulary (uncased WordPiece) when nothing else is available offline."""
-    from transformers import AutoTokenizer, BertTokenizerFast
+    from transformers import AutoTokenizer
 
     candidates: list[str] = []
     if checkpoint_dir is not None and (Path(checkpoint_dir) / "tokenizer").is_dir():
@@ -75,7 +75,10 @@ def load_tokenizer(cfg: GLIPConfig, checkpoint_dir: str | Path | None = None):
     try:
         return AutoTokenizer.from_pretrained(cfg.text_encoder, use_fast=True, local_files_only=True)
     except (OSError, ValueError):
-        return BertTokenizerFast(vocab_file=str(minilm_dir() / "vocab.txt"), do_lower_case=True)
+        # the package's tokenizer files are bert-base-uncased's (same vocab.txt and settings). Not
+        # BertTokenizerFast(vocab_file=...): transformers 5 ignores that argument and builds an EMPTY vocabulary
+        # (every word -> [UNK]).
+        return AutoTokenizer.from_pretrained(str(minilm_dir()), use_fast=True)
 
 
 class LanguageBackbone(nn.Module):
