@@ -8,7 +8,9 @@ An official file holds ``{"model": {"module.<key>": tensor}, ...}`` (saved DDP-w
   torchvision's ``SwinTransformerBlock`` / ``PatchMerging``: the block MLP is ``mlp.0`` / ``mlp.3`` (official
   ``mlp.fc1`` / ``mlp.fc2``) and the relative position index is stored flattened ([W^4] instead of [W^2, W^2]).
 - ``backbone.fpn.*``, ``language_backbone.body.model.*`` (a HF ``BertModel``, ours ``language_backbone.model.*``),
-  ``rpn.head.*`` (the VL DyHead, ours ``head.*``): the names are mirrored by our modules; only prefixes change.
+  ``rpn.head.*`` (the VL DyHead, ours ``head.*``): the names are mirrored by our modules; only prefixes change,
+  except the fusion tower: official ``dyhead_tower.{3i}`` (``b_attn``), ``{3i+1}`` (BERT layer), ``{3i+2}``
+  (DyConv) are ours ``dyhead_tower.{i}`` itself, ``dyhead_tower.{i}.text_layer``, ``dyhead_tower.{i}.image_layer``.
 
 Every official key ends in exactly one bucket of the :class:`ConversionReport`: consumed (copied), ignored
 (known and deliberately unused, with the reason, e.g. the BERT pooler), or an error (no place for it, or a shape
@@ -22,7 +24,7 @@ import math
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Mapping
 
 import torch
 
@@ -174,10 +176,25 @@ def _swin_key(rest: str) -> str:
     return rest
 
 
+_TOWER = re.compile(r"^rpn\.head\.dyhead_tower\.(\d+)\.(.+)$")
+# The official tower is one flat Sequential of (VLFuse, BertEncoderLayer, DyConv) per fusion layer; ours groups
+# each triple in one FusionLayer. The VLFuse module's only weights sit under ``b_attn`` in both.
+_TOWER_PARTS = ("", "text_layer.", "image_layer.")
+
+
+def _tower_key(index: int, rest: str) -> str:
+    """Official ``rpn.head.dyhead_tower.{index}.{rest}`` -> ours."""
+    layer, part = divmod(index, 3)
+    return f"head.dyhead_tower.{layer}.{_TOWER_PARTS[part]}{rest}"
+
+
 def official_to_ours(key: str) -> str | None:
     """Our state-dict key for an official key (``module.`` already stripped), or None when it has no place."""
     if key.startswith(SWIN_OFFICIAL_PREFIX):
         return SWIN_OUR_PREFIX + _swin_key(key[len(SWIN_OFFICIAL_PREFIX):])
+    m = _TOWER.match(key)
+    if m:
+        return _tower_key(int(m[1]), m[2])
     for official_prefix, our_prefix in PREFIX_MAP:
         if key.startswith(official_prefix):
             return our_prefix + key[len(official_prefix):]
@@ -284,13 +301,16 @@ def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
 # ----------------------------------------------------------------------------------------------- model level
 
 def load_official(path: str | Path, preset: str = "auto", *, allow_partial: bool = False,
-                  trust_pickle: bool = False, model_factory: Callable[[str], torch.nn.Module] | None = None):
-    """Build our model for an official checkpoint and fill it. Returns ``(model, report)``.
+                  trust_pickle: bool = False):
+    """Our GLIP for an official checkpoint, filled from it. Returns ``(model, report)``.
 
-    ``preset``: ``glip-t``, ``glip-l`` or ``auto`` (from the Swin width). ``model_factory(preset)`` builds the
-    model (default ``GLIP.from_preset``). Parameters the file does not fill keep their random init (only
-    possible with ``allow_partial``).
+    ``preset``: ``glip-t``, ``glip-l`` or ``auto`` (from the Swin width). The mapping is checked first against a
+    model built on the meta device (cheap, so a refusal costs no full build). A complete conversion then takes the
+    file's tensors as the parameters (no random init at all); with ``allow_partial`` a real model is built and
+    what the file does not fill keeps its random init (the report names it).
     """
+    from glip.model import GLIP
+
     official = load_official_state_dict(path, trust_pickle=trust_pickle)
     detected = detect_preset(official, str(path))
     if preset == "auto":
@@ -298,16 +318,26 @@ def load_official(path: str | Path, preset: str = "auto", *, allow_partial: bool
     elif preset != detected and not allow_partial:
         raise InputError(f"{path}: looks like {detected} (Swin width), not {preset}; "
                          f"use --preset auto or --allow-partial")
-    if model_factory is None:
-        from glip import GLIP
-        model_factory = GLIP.from_preset
-    model = model_factory(preset)
-    ours = model.state_dict()
-    converted, report = convert_state_dict(official, ours, source=str(path), preset=preset,
+    with torch.device("meta"):
+        skeleton = GLIP.from_preset(preset)
+    converted, report = convert_state_dict(official, skeleton.state_dict(), source=str(path), preset=preset,
                                            allow_partial=allow_partial)
-    missing, unexpected = model.load_state_dict(converted, strict=False)
-    assert not unexpected, unexpected  # converted only holds our own keys
-    return model, report
+    if report.ok:
+        # every key filled: adopt the tensors (cloned: the loaded file may be memory-mapped and read-only)
+        skeleton.load_state_dict({k: v.clone() for k, v in converted.items()}, strict=True, assign=True)
+        skeleton._materialize_non_persistent_buffers("cpu")
+        model = skeleton
+    else:
+        model = GLIP.from_preset(preset)
+        model.load_state_dict(converted, strict=False)
+    return model.eval(), report
+
+
+def load_official_model(path: str | Path, preset: str | None = "auto", *, allow_partial: bool = False,
+                        trust_pickle: bool = False) -> torch.nn.Module:
+    """Our GLIP filled from an official ``.pth`` (``load_official`` without the report), in eval mode."""
+    model, _ = load_official(path, preset or "auto", allow_partial=allow_partial, trust_pickle=trust_pickle)
+    return model.eval()
 
 
 def parameter_count(state_dict: Mapping[str, torch.Tensor]) -> int:

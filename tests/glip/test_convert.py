@@ -38,26 +38,22 @@ def test_tables_hold_the_documented_counts():
     assert params_t == 231_780_222  # README: GLIP-T parameters (float32 entries minus the anchor buffers)
 
 
-@pytest.mark.parametrize("table,swin", [("glip_t_state_dict.tsv", "swin_t"), ("glip_l_state_dict.tsv", "large")])
-def test_every_official_swin_key_lands_on_torchvision_swin(table, swin):
-    """Swin keys map one-to-one onto torchvision's SwinTransformer ``features`` (the output norms aside)."""
-    import torchvision
+@pytest.mark.parametrize("table,preset", [("glip_t_state_dict.tsv", "glip-t"), ("glip_l_state_dict.tsv", "glip-l")])
+def test_every_official_swin_key_lands_on_our_swin(table, preset):
+    """Swin keys map one-to-one onto our Swin body (torchvision blocks in the official tree), shapes fitting."""
+    from glip.backbone import SwinBody
+    from glip.config import GLIPConfig
 
     with torch.device("meta"):
-        if swin == "swin_t":
-            body = torchvision.models.swin_t()
-        else:  # Swin-L: torchvision has the class but no builder
-            body = torchvision.models.SwinTransformer(patch_size=[4, 4], embed_dim=192, depths=[2, 2, 18, 2],
-                                                      num_heads=[6, 12, 24, 48], window_size=[12, 12])
-    ours = {k: v for k, v in body.state_dict().items() if k.startswith("features.")}
-    official = official_state_dict(table)
+        body = SwinBody(GLIPConfig.preset(preset))
+    ours = body.state_dict()
     mapped = {}
-    for key, tensor in official.items():
-        if not key.startswith("backbone.body.") or key.startswith("backbone.body.norm"):
+    for key, tensor in official_state_dict(table).items():
+        if not key.startswith("backbone.body."):
             continue
         our_key = convert.official_to_ours(key)
-        assert our_key is not None and our_key.startswith(convert.SWIN_OUR_PREFIX), key
-        our_key = our_key[len(convert.SWIN_OUR_PREFIX):]
+        assert our_key is not None and our_key.startswith("backbone.body."), key
+        our_key = our_key[len("backbone.body."):]
         assert our_key in ours, (key, our_key)
         fitted, problem = convert._fit(key, tensor, ours[our_key])
         assert problem is None, (key, problem)
@@ -66,10 +62,9 @@ def test_every_official_swin_key_lands_on_torchvision_swin(table, swin):
 
 
 def test_relative_position_index_is_flattened_and_checked():
-    import torchvision
+    from torchvision.models.swin_transformer import SwinTransformerBlock
 
-    block_key = "features.1.0.attn.relative_position_index"
-    ours = torchvision.models.swin_t().state_dict()[block_key]
+    ours = SwinTransformerBlock(96, 3, [7, 7], [0, 0]).state_dict()["attn.relative_position_index"]
     official_index = ours.reshape(49, 49).clone()
     fitted, problem = convert._fit("backbone.body.layers.0.blocks.0.attn.relative_position_index",
                                    official_index, ours)
