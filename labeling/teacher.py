@@ -202,8 +202,9 @@ class GLIPTeacher:
                threshold: float, nms_iou: float) -> list[list[list[Detection]]]:
         import torch
 
-        tensors = [torch.from_numpy(np.ascontiguousarray(a)).to(self.device).permute(2, 0, 1).float().div_(255.0)
-                   for a in images]
+        # arrays from a Ray batch are read-only views: copy those (torch wants writable memory)
+        tensors = [torch.from_numpy(a if a.flags.writeable else a.copy()).to(self.device)
+                   .permute(2, 0, 1).float().div_(255.0) for a in images]
         spans = [[(int(s), int(e)) for s, e in caption_spans] for caption_spans in phrase_spans]
         with torch.inference_mode():
             out = self.model.ground(tensors, list(captions), spans, threshold=threshold,

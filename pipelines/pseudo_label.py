@@ -26,6 +26,7 @@ import json
 import logging
 import time
 import traceback
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -377,19 +378,34 @@ def build_dataset(specs: list[dict[str, Any]], *, resize: TeacherResize, teacher
     """The lazy Ray Dataset of labeled rows for ``specs`` (one per pending input shard)."""
     import ray
 
-    ctx = ray.data.DataContext.get_current()
+    ds = ray.data.from_items([{"spec": json.dumps(s)} for s in specs],
+                             override_num_blocks=max(1, len(specs)))
+    # The dataset's own copy of the DataContext (shared by the datasets derived from it):
+    # other Ray Data users in this process keep their settings.
+    ctx = ds.context
     ctx.max_errored_blocks = -1   # a batch that keeps failing costs its shard, not the run
     ctx.enable_progress_bars = False          # the command draws its own (images/s, boxes/s)
     ctx.print_on_execution_start = False
     ctx.enable_auto_log_stats = False
-    ds = ray.data.from_items([{"spec": json.dumps(s)} for s in specs],
-                             override_num_blocks=max(1, len(specs)))
     ds = ds.map_batches(read_shard_batches, batch_size=1, num_cpus=0.25, batch_format="pyarrow")
     ds = ds.map_batches(decode_batch, fn_kwargs={"min_size": resize.min_size, "max_size": resize.max_size},
                         batch_size=batch_size, num_cpus=0.25, batch_format="pyarrow")
+    with warnings.catch_warnings():
+        # max_task_retries has no named parameter yet (Ray 2.60 deprecates **ray_remote_args
+        # for 2.64); without it a batch that kills its actor every time is retried forever.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        ds = _teacher_stage(ds, worker_cls or TeacherWorker, teacher_path, identity, config, extra,
+                            workers, batch_size, gpus_per_worker, actor_cpus)
+    return ds
+
+
+def _teacher_stage(ds, worker_cls, teacher_path, identity, config, extra, workers, batch_size,
+                   gpus_per_worker, actor_cpus):
+    import ray
+
     use_gpu = gpus_per_worker > 0
     ds = ds.map_batches(
-        worker_cls or TeacherWorker,
+        worker_cls,
         fn_constructor_kwargs={"teacher_path": teacher_path, "identity": identity.to_dict(),
                                "config": config.to_dict(), "extra": extra, "use_gpu": use_gpu},
         batch_size=batch_size, batch_format="pyarrow",

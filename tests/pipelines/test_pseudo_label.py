@@ -187,3 +187,163 @@ def test_decode_rows_turns_bad_images_into_counted_skips(inputs):
         if r["kind"] == "sample":
             assert min(r["ph"], r["pw"]) == IMAGE_SIZE and len(r["pixels"]) == r["ph"] * r["pw"] * 3
             assert (r["width"], r["height"]) == Image.open(io.BytesIO(r["image"])).size
+
+
+# ----------------------------------------------------------------------------- the real pipeline
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory) -> Path:
+    """A real tiny GLIP, random weights, saved like any checkpoint.
+
+    ``score_threshold=0``: the official pre-NMS cut (0.05 on the phrase score) removes every
+    candidate of an untrained head (its prior is 0.01); with 0 the random boxes reach our filter.
+    """
+    from glip import GLIP
+
+    d = tmp_path_factory.mktemp("teacher") / "tiny"
+    GLIP.from_preset("tiny", score_threshold=0.0).save_pretrained(d)
+    return d
+
+
+def _args(inputs, teacher_dir, out, *extra):
+    return ["pseudo-label", str(inputs["crawled"]), "--phrases", str(inputs["phrases"]),
+            "--teacher", str(teacher_dir), "--out", str(out), "--threshold", str(THRESHOLD),
+            "--image-size", str(IMAGE_SIZE), "--batch-size", "1", "--max-samples-per-tar", "2", *extra]
+
+
+def _samples_by_key(out: Path) -> dict[str, tuple[dict, bytes]]:
+    from storage.shards import iter_shard_samples
+
+    counts = StageCounts()
+    found: dict[str, tuple[dict, bytes]] = {}
+    for sample, image in iter_shard_samples([out], counts):
+        assert sample.key not in found, f"duplicate sample {sample.key}"
+        found[sample.key] = (sample.to_dict(), image)
+    assert counts.skipped == {} and counts.read == len(found)
+    return found
+
+
+@pytest.fixture(scope="module")
+def labeled(inputs, teacher_dir, tmp_path_factory, ray_session):
+    """One uninterrupted CLI run: (output folder, CliRunner result)."""
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    out = tmp_path_factory.mktemp("pseudo_out")
+    result = CliRunner().invoke(app, _args(inputs, teacher_dir, out))
+    return out, result
+
+
+def test_cli_labels_every_good_image_and_counts_every_bad_one(inputs, labeled):
+    out, result = labeled
+    assert result.exit_code == 0, result.output
+    assert "images/s" in result.output and "boxes written" in result.output
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert manifest["stage"] == "pseudo-label"
+    assert manifest["options"]["threshold"] == THRESHOLD and manifest["options"]["teacher_min_size"] == IMAGE_SIZE
+    from labeling.teacher import checkpoint_sha256
+    sha = manifest["model"]["sha256"]
+    assert sha == checkpoint_sha256(manifest["model"]["path"])
+    assert {s["status"] for s in manifest["shards"].values()} == {"done"}
+    totals = manifest["totals"]
+    assert totals["skipped"] == dict(inputs["skips"])
+    assert totals["written"] == len(inputs["good_keys"])
+    samples = _samples_by_key(out)
+    assert sorted(samples) == sorted(inputs["good_keys"])
+    n_boxes = sum(len(d["boxes"]) for d, _ in samples.values())
+    assert n_boxes > 0 and n_boxes == sum(e["counts"]["boxes"] for e in manifest["shards"].values())
+    for key, (d, image) in samples.items():
+        assert image == inputs["originals"][key]                    # original bytes, never re-encoded
+        assert (d["width"], d["height"]) == Image.open(io.BytesIO(image)).size
+        assert d["source"] == f"pseudo/{sha[:12]}"
+        assert d["extra"]["teacher_sha256"] == sha and d["extra"]["threshold"] == THRESHOLD
+        assert len(d["phrases"]) == 2                                 # grounded or not, all kept
+        for b in d["boxes"]:
+            x, y, w, h = b["bbox"]
+            assert 0 <= x and 0 <= y and w >= 2 and h >= 2
+            assert x + w <= d["width"] + 1e-3 and y + h <= d["height"] + 1e-3
+            assert b["score"] >= THRESHOLD and 0 <= b["phrase"] < len(d["phrases"])
+            p = d["phrases"][b["phrase"]]
+            assert b["tokens_positive"] == [[p["start"], p["end"]]]
+            assert span_is_valid(p["start"], p["end"], d["caption"])
+            assert d["caption"][p["start"]:p["end"]] == p["text"]
+        per_phrase = Counter(b["phrase"] for b in d["boxes"])
+        assert all(n <= 10 for n in per_phrase.values())
+    assert (out / "00000-00000.tar").exists() and (out / "00000-00003.tar").exists()   # 7 samples, 2 per tar
+
+
+def test_shards_are_readable_by_webdataset_and_ray_data(inputs, labeled, ray_session):
+    import ray
+    import webdataset as wds
+
+    out, _ = labeled
+    tars = sorted(str(p) for p in out.glob("*.tar"))
+    keys = []
+    for s in wds.WebDataset(tars, shardshuffle=False).decode("pil"):
+        image = s.get("jpg") or s.get("png")
+        assert image.size == (s["json"]["width"], s["json"]["height"])
+        keys.append(s["json"]["key"])
+    assert sorted(keys) == sorted(inputs["good_keys"])
+    # decoder=None: Ray's default decoder makes grayscale JPEGs 2-D arrays and colour ones 3-D,
+    # which it cannot put in one block; the original bytes are what we promise.
+    rows = ray.data.read_webdataset(tars, decoder=None).take_all()
+    assert sorted(json.loads(r["json"])["key"] for r in rows) == sorted(inputs["good_keys"])
+    for r in rows:
+        image = next(r[ext] for ext in ("jpg", "png") if isinstance(r.get(ext), bytes))   # absent: NaN
+        assert image == inputs["originals"][json.loads(r["json"])["key"]]
+
+
+def test_rerun_resumes_and_changed_options_are_refused(inputs, teacher_dir, labeled, cli):
+    out, _ = labeled
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
+    again = cli(*_args(inputs, teacher_dir, out))
+    assert again.exit_code == 0, again.output
+    assert "2 already done" in again.output
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")} == before
+    changed = cli(*_args(inputs, teacher_dir, out)[:-2], "--max-samples-per-tar", "2", "--nms", "0.3")
+    assert changed.exit_code == 2 and "--overwrite" in changed.output
+
+
+def test_bad_teacher_and_missing_phrases_are_exit_2(inputs, tmp_path, cli):
+    r = cli("pseudo-label", str(inputs["crawled"]), "--phrases", str(inputs["phrases"]),
+            "--teacher", str(tmp_path / "nope"), "--out", str(tmp_path / "o"))
+    assert r.exit_code == 2 and "not found" in r.output
+    (tmp_path / "empty").mkdir()
+    r = cli("pseudo-label", str(inputs["crawled"]), "--phrases", str(tmp_path / "empty"),
+            "--teacher", str(tmp_path), "--out", str(tmp_path / "o"))
+    assert r.exit_code == 2
+
+
+def test_interrupted_run_resumes_to_the_same_samples(inputs, teacher_dir, labeled, tmp_path, ray_session):
+    """Ctrl-C after the first shard finished, then the same command again: same samples as one run."""
+    from pipelines.pseudo_label import PseudoLabelOptions, run_pseudo_label
+    from storage.crawled import discover_crawled_shards
+
+    reference = _samples_by_key(labeled[0])
+    shards = discover_crawled_shards([str(inputs["crawled"])])
+    options = PseudoLabelOptions(phrases=str(inputs["phrases"]), teacher=str(teacher_dir), threshold=THRESHOLD,
+                                 nms_iou=0.6, max_boxes_per_phrase=10, min_box_size=2.0, image_size=IMAGE_SIZE,
+                                 batch_size=1, max_samples_per_tar=2)
+
+    def interrupt(images, boxes, finished, total):
+        if finished >= 1:
+            raise KeyboardInterrupt
+
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        run_pseudo_label(shards, out, options, on_progress=interrupt)
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert sum(e["status"] == "done" for e in manifest["shards"].values()) == 1
+    assert not list(out.glob(".*.tmp"))                       # no unfinished file left behind
+    result = run_pseudo_label(shards, out, options)
+    assert len(result.resumed) == 1 and len(result.done) == 1 and not result.failed
+    resumed = _samples_by_key(out)
+    assert sorted(resumed) == sorted(reference)
+    for key, (d, image) in resumed.items():
+        ref, ref_image = reference[key]
+        assert image == ref_image
+        assert [b["phrase"] for b in d["boxes"]] == [b["phrase"] for b in ref["boxes"]]
+        for b, rb in zip(d["boxes"], ref["boxes"]):
+            assert b["bbox"] == pytest.approx(rb["bbox"], abs=1e-3) and b["score"] == pytest.approx(rb["score"], abs=1e-5)
+    assert json.loads((out / "_manifest.json").read_text())["totals"] == \
+        json.loads((labeled[0] / "_manifest.json").read_text())["totals"]
