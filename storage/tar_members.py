@@ -102,8 +102,9 @@ def _ustar_members(fh: BinaryIO, wanted_name) -> Iterator[tuple[str, bytes | Non
         if header[257:262] != b"ustar":
             raise CorruptTar("header without ustar magic")
         chksum = _number(header[148:156])
-        if chksum != sum(header[:148]) + 256 + sum(header[156:]):
-            raise CorruptTar("header checksum mismatch")
+        unsigned = sum(header[:148]) + 256 + sum(header[156:])
+        if chksum != unsigned and chksum != unsigned - 256 * sum(b >= 128 for b in header):
+            raise CorruptTar("header checksum mismatch")   # (old Sun tars sum signed bytes)
         size = _number(header[124:136])
         kind = header[156:157]
         padded = (size + BLOCK - 1) // BLOCK * BLOCK
@@ -198,8 +199,11 @@ def iter_tar_groups(path: str | Path, counts: StageCounts,
                     yield key, group
                 key, group = k, {}
             group[ext] = data
-    except (CorruptTar, OSError) as exc:
-        cut = getattr(exc, "member", None)
+    except OSError as exc:
+        counts.skip("unreadable_tar", path, str(exc))
+        return
+    except CorruptTar as exc:
+        cut = exc.member
         if key is not None and cut is not None and split_member_name(cut)[0] != key:
             yield key, group          # the break is inside the next sample: this one is whole
             key = cut

