@@ -32,7 +32,7 @@ from pipelines.training.checkpointing import (checkpoint_dir, latest_checkpoint,
                                               save_checkpoint)
 from pipelines.training.feed import MixedFeed
 from pipelines.training.options import TrainOptions
-from pipelines.training.schedule import build_optimizer
+from pipelines.training.schedule import build_optimizer, lr_factor
 
 log = logging.getLogger("glipctl.train")
 
@@ -193,6 +193,10 @@ def run_worker(config: dict[str, Any], ctx: WorkerContext = WorkerContext()) -> 
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_step = int(state["step"])
+        # the saved rates follow the saved run's schedule; a longer --steps reshapes the decay
+        factor = lr_factor(start_step, options.steps, options.warmup, options.schedule)
+        for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
+            group["lr"] = base * factor
         ranks = state.get("ranks") or []
         if state.get("world_size") == world and rank < len(ranks):
             feed.load_state_dict(ranks[rank]["feed"])

@@ -1,0 +1,130 @@
+"""`glipctl train-student` end to end on real Ray Train (gloo, CPU), tiny preset, tiny images.
+
+Three TorchTrainer fits in all (each costs ~10-20 s of Ray Train start-up): a 1-worker
+gold + pseudo + detection run, its resume, and a 2-worker gold-only run with evaluation.
+Bad input is refused on the driver before Ray Train starts.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pipelines.training.checkpointing import list_checkpoints, load_train_state
+from pipelines.training.loop import read_metrics
+from pipelines.training.schedule import lr_factor
+from storage.records import Box, GroundedSample
+from storage.shards import ShardWriter
+from training_helpers import gold_samples, make_world, write_pseudo_shards
+
+SIZE = ["--min-size", "48", "--max-size", "64"]
+LOSS_TERMS = {"loss", "loss_cls", "loss_box", "loss_centerness"}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return make_world(tmp_path_factory.mktemp("world"), gold_images=16)
+
+
+@pytest.fixture(scope="module")
+def pseudo_dir(world, tmp_path_factory):
+    """Two good shards, a truncated one, and a sample whose only box lies outside its image."""
+    out = tmp_path_factory.mktemp("pseudo")
+    write_pseudo_shards(world, out, shards=2, per_shard=4)
+    data = (out / "00000-00000.tar").read_bytes()
+    (out / "truncated-00000.tar").write_bytes(data[: len(data) // 2 + 100])
+    s = gold_samples(world)[0]
+    outside = GroundedSample("outside", s.caption, s.width, s.height, s.phrases,
+                             [Box([s.width + 5.0, 0.0, 10.0, 10.0], s.boxes[0].tokens_positive, 0, 0.9)],
+                             "pseudo/test", {})
+    with ShardWriter(out, "zz-bad") as writer:
+        writer.write(outside, Path(s.extra["image_path"]).read_bytes())
+    return out
+
+
+def _said(result) -> str:
+    """The command's output with rich's line wrapping undone."""
+    return " ".join(result.output.split())
+
+
+def _ok(result):
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return result
+
+
+def test_one_worker_gold_pseudo_detection_then_resume(cli, ray_session, world, pseudo_dir, tmp_path):
+    out = tmp_path / "student"
+    args = ["train-student", "--gold", world.gold_arg, "--pseudo", str(pseudo_dir),
+            "--detection", world.eval_coco_arg, "--mix", "gold=1,pseudo=2,detection=1",
+            "--pseudo-min-score", "0.5", "--out", str(out), "--batch-size", "2", "--warmup", "1",
+            "--checkpoint-every", "2", "--keep", "2", "--log-every", "1", *SIZE]
+    _ok(cli(*args, "--steps", "3"))
+
+    rows = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(LOSS_TERMS <= set(r) and r["samples_per_s"] > 0 for r in rows)
+    assert [s for s, _ in list_checkpoints(out)] == [2, 3]
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert manifest["stage"] == "train-student"
+    shards = manifest["shards"]
+    assert {"gold", "pseudo", "detection"} <= set(shards) and all(e["status"] == "done" for e in shards.values())
+    assert sum(e["counts"]["written"] for e in shards.values()) == 3 * 2
+    pseudo_skips = shards["pseudo"]["counts"]["skipped"]
+    assert any("trunc" in reason for reason in pseudo_skips), pseudo_skips          # the cut tar: counted
+    assert pseudo_skips.get("box_outside_image", 0) >= 1                           # the bad box: counted
+
+    # the top of --out is a checkpoint that loads and predicts
+    from PIL import Image
+
+    from glip import GLIP
+    model = GLIP.from_pretrained(out)
+    sample = gold_samples(world)[0]
+    spans = [(p.start, p.end) for p in sample.phrases]
+    grounded = model.ground([Image.open(sample.extra["image_path"]).convert("RGB")], [sample.caption], [spans])
+    assert len(grounded) == 1 and len(grounded[0]) == len(spans)
+    assert all(len(box["bbox"]) == 4 for phrase in grounded[0] for box in phrase)
+
+    # the same --out without --resume is refused (exit 2) before anything runs
+    refused = cli(*args, "--steps", "5")
+    assert refused.exit_code == 2 and "--resume" in _said(refused)
+
+    _ok(cli(*args, "--steps", "5", "--resume"))
+    rows = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]                              # the curve continues
+    # the schedule continued from step 3 (a fresh one would still be warming up)
+    assert rows[3]["lr"] == pytest.approx(1e-4 * lr_factor(3, 5, 1, "cosine"))
+    assert [s for s, _ in list_checkpoints(out)] == [4, 5]
+    assert load_train_state(out)["step"] == 5
+    assert json.loads((out / "_manifest.json").read_text())["options"]["reached_step"] == 5
+
+
+def test_two_workers_gold_only_with_evaluation(ray_session, world, tmp_path):
+    from glip import GLIP
+    from pipelines.training import AnnotatedImages, TrainOptions, train
+
+    result = train(TrainOptions(
+        out=str(tmp_path / "teacher"), gold=[AnnotatedImages(str(world.gold_json), str(world.gold_images))],
+        model_overrides={"min_size": 48, "max_size": 64}, steps=2, batch_size=1, warmup=0, workers=2,
+        checkpoint_every=0, log_every=1, eval=[AnnotatedImages(str(world.eval_coco_json), str(world.eval_images))],
+        eval_every=2, eval_samples=4), progress=False)
+    assert result.step == 2 and result.start_step == 0
+    assert result.counts["gold"]["written"] == 2 * 1 * 2          # steps x batch x workers
+    assert result.counts["gold"]["read"] == 16
+    last = result.metrics[-1]
+    assert last["step"] == 2 and "eval_loss" in last and 0.0 <= last["eval_AP"] <= 1.0
+    assert [s for s, _ in list_checkpoints(result.out)] == [2]
+    assert GLIP.from_pretrained(result.out).config.min_size == 48
+
+
+def test_bad_input_is_exit_2_before_training(cli, world, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    no_images = cli("train-student", "--gold", f"{world.gold_json}={empty}", "--out", str(tmp_path / "a"))
+    assert no_images.exit_code == 2 and "no usable sample" in _said(no_images)
+    no_shards = cli("train-student", "--gold", world.gold_arg, "--pseudo", str(empty), "--out", str(tmp_path / "b"))
+    assert no_shards.exit_code == 2 and "no .tar" in _said(no_shards)
+    malformed = cli("train-student", "--gold", str(world.gold_json), "--out", str(tmp_path / "c"))
+    assert malformed.exit_code == 2 and "ANN.json=IMAGE_DIR" in _said(malformed)
+    nothing = cli("train-student", "--out", str(tmp_path / "d"))
+    assert nothing.exit_code == 2 and "nothing to train on" in _said(nothing)
