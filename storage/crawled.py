@@ -32,6 +32,7 @@ counts ``written``.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -246,8 +247,8 @@ def discover_crawled_shards(inputs: list[str], caption_field: str = "caption", k
 
     Names are file stems ("00000"); when two inputs hold the same stem the parent
     folder's name is prefixed ("laion_00000") so names stay unique. Raises
-    ``InputError`` for a missing path, a folder with no shard, or a Parquet file
-    without the caption column.
+    ``InputError`` for a missing path, a folder with no shard, or (first Parquet file of
+    each input) no caption column.
     """
     if not inputs:
         raise InputError("no input paths given")
@@ -259,16 +260,19 @@ def discover_crawled_shards(inputs: list[str], caption_field: str = "caption", k
         files = _files_of(path)
         if not files:
             raise InputError(f"{path}: no crawled shards found (.tar, .parquet or .jsonl)")
+        # one footer per input, not per shard: a wrong --caption-field shows on the first file,
+        # and a later file without the column still only yields counted missing_caption skips
+        first_parquet = next((p for p, kind in files if kind == "parquet"), None)
+        if first_parquet is not None:
+            _check_columns(first_parquet, caption_field)
         found.extend(files)
-    for p, kind in found:
-        if kind == "parquet":
-            _check_columns(p, caption_field)
     stems = [p.name.split(".")[0] for p, _ in found]
-    names = [s if stems.count(s) == 1 else f"{p.parent.name}_{s}" for s, (p, _) in zip(stems, found)]
-    seen: dict[str, int] = {}
+    stem_count = Counter(stems)
+    names = [s if stem_count[s] == 1 else f"{p.parent.name}_{s}" for s, (p, _) in zip(stems, found)]
+    name_count, seen = Counter(names), Counter()
     unique = []
     for n in names:   # same folder name twice: number them, in input order
-        seen[n] = seen.get(n, 0) + 1
-        unique.append(n if seen[n] == 1 and names.count(n) == 1 else f"{n}_{seen[n]}")
+        seen[n] += 1
+        unique.append(n if name_count[n] == 1 else f"{n}_{seen[n]}")
     return [CrawledShard(name, str(p), kind, caption_field, key_field, url_field)
             for name, (p, kind) in zip(unique, found)]
