@@ -69,7 +69,8 @@ def _progress(console):
         progress = Progress(TextColumn("parse-captions"), BarColumn(), MofNCompleteColumn(),
                             TextColumn("shards  {task.fields[captions]:,} captions  "
                                        "{task.fields[rate]:,.0f} captions/s"),
-                            TimeElapsedColumn(), console=console, transient=False)
+                            TimeElapsedColumn(), console=console, transient=False,
+                            refresh_per_second=2)
         task = progress.add_task("parse", total=None, captions=0, rate=0.0)
         with progress:
             def update(captions: int, finished: int, total: int) -> None:

