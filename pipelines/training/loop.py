@@ -65,9 +65,14 @@ class WorkerContext:
 
 def ray_train_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     """Entry point of each Ray Train worker (``TorchTrainer(train_loop_per_worker=...)``)."""
+    import os
+
     import ray.train
     import ray.train.torch
 
+    # a worker on a cluster node may not have the driver's environment: never download
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     ctx = ray.train.get_context()
     use_gpu = config["options"].gpus_per_worker > 0 and torch.cuda.is_available()
     device = ray.train.torch.get_device() if use_gpu else torch.device("cpu")
@@ -118,6 +123,16 @@ def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     random.setstate(state["python"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def peak_memory_mb(device: torch.device) -> dict[str, float]:
+    """This process's peak resident memory (and peak CUDA allocation on a GPU), in MiB."""
+    import resource
+
+    peak = {"rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}   # Linux: KiB
+    if device.type == "cuda":
+        peak["cuda"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return peak
 
 
 def merge_counts(per_rank: list[dict[str, dict]]) -> dict[str, dict]:
@@ -284,6 +299,7 @@ def run_worker(config: dict[str, Any], ctx: WorkerContext = WorkerContext()) -> 
             window_start = time.perf_counter()   # samples/s measures training, not checkpoint writes
 
     all_counts = _gather(feed.all_counts(), world)
+    peaks = _gather(peak_memory_mb(device), world)
     if rank != 0:
         return None
     final = latest_checkpoint(out)
@@ -292,4 +308,5 @@ def run_worker(config: dict[str, Any], ctx: WorkerContext = WorkerContext()) -> 
     seconds = time.perf_counter() - run_start
     trained = (options.steps - start_step) * options.batch_size * world
     return {"step": options.steps, "start_step": start_step, "counts": merge_counts(all_counts),
-            "rows": rows, "seconds": seconds, "samples_per_s": trained / seconds if seconds > 0 else 0.0}
+            "rows": rows, "seconds": seconds, "samples_per_s": trained / seconds if seconds > 0 else 0.0,
+            "peak_memory_mb": peaks}

@@ -136,7 +136,8 @@ class TrainResult:
     counts: dict[str, dict[str, Any]]        # per source: read, written (= trained on), skipped by reason
     checkpoints: list[Path]
     seconds: float
-    samples_per_s: float
+    samples_per_s: float                     # trained samples / seconds of the loop (all workers)
+    peak_memory_mb: list[dict[str, float]] = field(default_factory=list)   # per rank: rss (+ cuda)
 
     @property
     def final_loss(self) -> float | None:

@@ -192,4 +192,5 @@ def train(options: TrainOptions, progress: bool = True) -> TrainResult:
     return TrainResult(out=out, step=int(summary.get("step", options.steps)), start_step=start_step, metrics=rows,
                        counts=counts, checkpoints=[p for _, p in list_checkpoints(out)],
                        seconds=time.perf_counter() - started,
-                       samples_per_s=float(summary.get("samples_per_s", 0.0)))
+                       samples_per_s=float(summary.get("samples_per_s", 0.0)),
+                       peak_memory_mb=list(summary.get("peak_memory_mb", [])))
