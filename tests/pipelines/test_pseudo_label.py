@@ -272,6 +272,17 @@ def test_cli_labels_every_good_image_and_counts_every_bad_one(inputs, labeled):
     assert (out / "00000-00000.tar").exists() and (out / "00000-00003.tar").exists()   # 7 samples, 2 per tar
 
 
+def test_shards_are_readable_by_glipctl_inspect(inputs, labeled, cli):
+    out, _ = labeled
+    r = cli("inspect", str(out), "--json")
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout[r.stdout.index("{"):])
+    manifest = json.loads((out / "_manifest.json").read_text())
+    boxes = sum(e["counts"]["boxes"] for e in manifest["shards"].values())
+    assert summary["samples"] == len(inputs["good_keys"]) and summary["boxes"] == boxes
+    assert summary["skipped"] == {}
+
+
 def test_shards_are_readable_by_webdataset_and_ray_data(inputs, labeled, ray_session):
     import ray
     import webdataset as wds
@@ -347,3 +358,77 @@ def test_interrupted_run_resumes_to_the_same_samples(inputs, teacher_dir, labele
             assert b["bbox"] == pytest.approx(rb["bbox"], abs=1e-3) and b["score"] == pytest.approx(rb["score"], abs=1e-5)
     assert json.loads((out / "_manifest.json").read_text())["totals"] == \
         json.loads((labeled[0] / "_manifest.json").read_text())["totals"]
+
+
+# ----------------------------------------------------------------------------- failures, no Ray needed
+def _sample_row(shard: str, key: str, boxes: int = 1) -> dict:
+    from pipelines.pseudo_label import _row
+    from storage.records import GroundedSample
+
+    sample = GroundedSample(key, "a cat", 32, 32, source="pseudo/x")
+    return _row("sample", shard, key=key, sample=json.dumps(sample.to_dict()), image=b"img", ext="jpg",
+                boxes=boxes, dropped="{}")
+
+
+def test_sink_fails_a_shard_whose_read_broke_and_removes_its_tars(tmp_path):
+    from pipelines.pseudo_label import ShardSink, _row
+    from storage.manifest import Manifest
+
+    manifest = Manifest(stage="pseudo-label")
+    sink = ShardSink(tmp_path, manifest, ["a", "b"], max_samples=1)
+    for i in range(2):
+        sink.add(_sample_row("a", f"a{i}"))
+        sink.add(_sample_row("b", f"b{i}", boxes=0))
+    assert (tmp_path / "a-00000.tar").exists()          # finished parts exist while streaming
+    sink.add(_row("end", "a", expected=2, counts=json.dumps({"read": 3, "skipped": {"x": 1}}),
+                  detail="OSError: disk on fire"))
+    sink.add(_row("end", "b", expected=2, counts=json.dumps({"read": 2})))
+    assert manifest.shards["a"]["status"] == "failed" and "disk on fire" in manifest.shards["a"]["error"]
+    assert not list(tmp_path.glob("a-*.tar"))
+    assert manifest.shards["b"]["status"] == "done"
+    assert manifest.shards["b"]["outputs"] == ["b-00000.tar", "b-00001.tar"]
+    assert manifest.shards["b"]["counts"]["without_boxes"] == 2
+    assert json.loads((tmp_path / "_manifest.json").read_text())["shards"]["b"]["status"] == "done"
+
+
+def test_sink_ignores_repeated_rows_and_fails_shards_short_of_rows(tmp_path):
+    from pipelines.pseudo_label import ShardSink, _row
+    from storage.manifest import Manifest
+
+    manifest = Manifest(stage="pseudo-label")
+    sink = ShardSink(tmp_path, manifest, ["a", "b"], max_samples=10)
+    sink.add(_sample_row("a", "a0"))
+    sink.add(_sample_row("a", "a0"))                    # a retried block delivered twice
+    sink.add(_row("end", "a", expected=2, counts=json.dumps({"read": 2})))
+    assert "a" not in manifest.shards                   # still waiting for a1
+    sink.add(_sample_row("a", "a1"))
+    assert manifest.shards["a"]["status"] == "done" and manifest.shards["a"]["counts"]["written"] == 2
+    sink.add(_sample_row("a", "a1"))                    # late duplicate after the shard closed
+    sink.add(_sample_row("b", "b0"))
+    sink.add(_row("end", "b", expected=3, counts=json.dumps({"read": 3})))
+    assert sink.fail_unfinished("lost") == ["b"]
+    assert manifest.shards["b"]["status"] == "failed" and "1 of 3" in manifest.shards["b"]["error"]
+    assert not list(tmp_path.glob("b-*.tar")) and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_shard_without_phrase_file_is_recorded_failed(inputs, labeled, tmp_path, ray_session):
+    import shutil
+
+    from pipelines.pseudo_label import PseudoLabelOptions, run_pseudo_label
+    from storage.crawled import discover_crawled_shards
+
+    out, phrases = tmp_path / "out", tmp_path / "phrases"
+    shutil.copytree(labeled[0], out)
+    shutil.copytree(inputs["phrases"], phrases)
+    (phrases / "00001.parquet").unlink()
+    manifest = json.loads((out / "_manifest.json").read_text())
+    del manifest["shards"]["00001"]
+    (out / "_manifest.json").write_text(json.dumps(manifest))
+    opts = json.loads((labeled[0] / "_manifest.json").read_text())["options"]
+    options = PseudoLabelOptions(phrases=str(phrases), teacher=opts["teacher"], threshold=THRESHOLD,
+                                 nms_iou=0.6, max_boxes_per_phrase=10, min_box_size=2.0, image_size=IMAGE_SIZE,
+                                 batch_size=1, max_samples_per_tar=2)
+    result = run_pseudo_label(discover_crawled_shards([str(inputs["crawled"])]), out, options)
+    assert result.resumed == ["00000"] and result.failed == ["00001"]
+    entry = json.loads((out / "_manifest.json").read_text())["shards"]["00001"]
+    assert entry["status"] == "failed" and "parse-captions" in entry["error"]
