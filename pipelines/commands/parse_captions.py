@@ -35,7 +35,12 @@ def main(
         "--overwrite", help="Start over instead of resuming from --out's _manifest.json.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every skip reason.")] = False,
 ) -> None:
-    """Extract groundable noun phrases (exact character spans) from crawled captions with spaCy on Ray."""
+    """Extract groundable noun phrases (exact character spans) from crawled captions with spaCy on Ray.
+
+    Writes one Parquet phrase file per input shard and _manifest.json; a re-run resumes.
+
+    Exit 1 when a shard failed (error in the manifest, the others written); exit 2 on bad input.
+    """
     from pipelines.common import console, ensure_ray, setup_logging
     from pipelines.parse_captions import ParseOptions, run_parse_captions, spacy_identity
     from storage.crawled import discover_crawled_shards

@@ -234,6 +234,15 @@ def test_a_shard_that_fails_is_recorded_and_the_others_finish(ray_session, crawl
     assert read_phrase_file(tmp_path / "out" / "more.parquet").num_rows == 20
 
 
+def test_actor_cpus_leave_room_for_reads():
+    from pipelines.parse_captions import READ_TASK_CPUS, _actor_cpus
+
+    assert _actor_cpus(1, 2.0) == 1.0
+    assert 2 * _actor_cpus(2, 2.0) + READ_TASK_CPUS <= 2.0          # a read still fits
+    assert 4 * _actor_cpus(4, 4.0, nodes=2) + 2 * READ_TASK_CPUS <= 4.0
+    assert _actor_cpus(8, 64.0, nodes=4) == 1.0
+
+
 def test_user_errors_exit_2_naming_the_file(cli, tmp_path):
     nocol = tmp_path / "nocol.parquet"
     pq.write_table(pa.table({"text": ["a dog"]}), nocol)
