@@ -76,3 +76,33 @@ def test_teacher_resize_equals_glip_prepare_image(size):
 def test_identity_round_trips_to_dict():
     ident = TeacherIdentity("/x", "a" * 64, "glipctl")
     assert ident.to_dict() == {"path": "/x", "sha256": "a" * 64, "kind": "glipctl", "source": "pseudo/aaaaaaaaaaaa"}
+
+
+def test_glip_teacher_on_resized_arrays_equals_model_ground_on_pil_images():
+    """The split path (CPU resize to uint8, then the teacher) gives the model's own answer."""
+    import torch
+
+    from glip import GLIP
+    from labeling.teacher import GLIPTeacher
+
+    torch.manual_seed(0)
+    model = GLIP.from_preset("tiny", score_threshold=0.0, min_size=64, max_size=96)
+    teacher = GLIPTeacher(model, TeacherIdentity("mem", "0" * 64, "glipctl"))
+    rng = np.random.default_rng(1)
+    images = [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for w, h in ((80, 60), (50, 90))]
+    captions = ["a red square on a blue background", "two cats"]
+    spans = [[(0, 12), (16, 33)], [(0, 8)]]
+    resize = TeacherResize(64, 96)
+    ours = teacher.ground([resize(im) for im in images], [im.size for im in images], captions, spans,
+                          threshold=0.05, nms_iou=0.6)
+    theirs = model.ground(images, captions, spans, threshold=0.05, nms_threshold=0.6)
+    assert [[len(p) for p in img] for img in ours] == [[len(p) for p in img] for img in theirs]
+    assert sum(len(p) for img in ours for p in img) > 0
+    for a_img, b_img in zip(ours, theirs):
+        for a_phrase, b_phrase in zip(a_img, b_img):
+            for a, b in zip(a_phrase, b_phrase):
+                assert a["bbox"] == pytest.approx(b["bbox"], abs=1e-3) and a["score"] == pytest.approx(b["score"])
+    w, h = images[0].size
+    for det in ours[0][0]:                          # original pixels, not the 64 px the model saw
+        x, y, bw, bh = det["bbox"]
+        assert -1e-3 <= x and x + bw <= w + 1 + 1e-3 and y + bh <= h + 1 + 1e-3
