@@ -3,8 +3,8 @@
 The official run (``../shared/data/official_glip/reference/reference_glip_t.pt``) used the weights that
 ``exercise_weights.py glip_t_state_dict.tsv 1`` writes, the image ``reference/input.png``, the caption
 ``a red ball and a blue box.`` and the phrases at characters [0, 10] and [15, 25]. This script writes the same
-weights (928 MB, into ``--weights``, kept for re-runs), converts them with ``glipctl convert-official``'s code,
-runs ONE ``model.ground`` call with forward hooks on the modules whose official counterparts the reference
+weights (928 MB, into ``--weights``, kept for re-runs), converts them with ``glipctl convert-official`` into a
+temporary checkpoint directory, loads it with ``GLIP.from_pretrained``, runs ONE ``model.ground`` call with forward hooks on the modules whose official counterparts the reference
 recorded, and prints a per-tensor table (max |ours - official|, relative to max |official|) and the detection
 comparison. The table also goes to ``bench_out/official_reference.md``.
 
@@ -393,21 +393,33 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from glip.convert import load_official
+    import json
+
+    from glip import GLIP
+    from pipelines.commands import convert_official
 
     timings = {}
     t = time.perf_counter()
     write_official_weights(args.weights)
     timings["weights"] = time.perf_counter() - t
-    t = time.perf_counter()
-    model, report = load_official(args.weights, "glip-t")
-    timings["convert"] = time.perf_counter() - t
-    print(report.summary(), flush=True)
+    with tempfile.TemporaryDirectory(prefix="glip_reference_") as tmp:
+        # the user's path: `glipctl convert-official` writes a checkpoint directory, which is loaded back
+        t = time.perf_counter()
+        convert_official.main(args.weights, out=Path(tmp) / "glip_t", preset="auto",
+                              report=Path(tmp) / "report.json")
+        timings["convert-official"] = time.perf_counter() - t
+        report = json.loads((Path(tmp) / "report.json").read_text())
+        t = time.perf_counter()
+        model = GLIP.from_pretrained(Path(tmp) / "glip_t")
+        timings["from_pretrained"] = time.perf_counter() - t
     t = time.perf_counter()
     captured, detections = run_ours(model)
     timings["forward + post-processing"] = time.perf_counter() - t
     ref = load_reference()
     rows, notes = compare_all(captured, detections, ref, model)
+    rows.insert(0, Row(f"conversion report: {len(report['consumed'])} consumed, {len(report['ignored'])} ignored, "
+                       f"{len(report['unmapped'])} unmapped, {len(report['mismatched'])} mismatched, "
+                       f"{len(report['not_filled'])} of ours not filled", (), 0.0, 0.0, bool(report["ok"])))
     text = render(rows, notes, timings)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
