@@ -30,6 +30,8 @@ from storage.atomic import atomic_write, write_json_atomic
 
 log = logging.getLogger("glipctl.demo")
 
+DEMO_MODEL: dict[str, Any] = {"min_size": 160, "max_size": 224, "anchor_sizes": (32, 64, 128, 256),
+                              "use_deform": False, "num_fusion_layers": 1}
 STAGES = ("world", "parse", "teacher", "pseudo", "student", "evaluate")
 
 
@@ -40,8 +42,10 @@ class DemoOptions:
     seed: int = 0
     world: WorldSpec = field(default_factory=WorldSpec)
     # the model: the `tiny` preset at the world's resolution, anchors scaled to its objects
-    model_overrides: dict[str, Any] = field(default_factory=lambda: {
-        "min_size": 160, "max_size": 224, "anchor_sizes": (32, 64, 128, 256)})
+    # the model: the `tiny` preset at the world's resolution, anchors scaled to its objects, and
+    # no deformable convolution (3/4 of a CPU training step) and one fusion layer (measured:
+    # 6.6 s -> 1.3 s per step of 8 images at 160 px, one thread)
+    model_overrides: dict[str, Any] = field(default_factory=lambda: dict(DEMO_MODEL))
     steps: int = 600                  # optimizer steps, teacher and student alike
     batch_size: int = 8
     lr: float = 1e-3
@@ -64,8 +68,8 @@ class DemoOptions:
     def small(cls, out: str = "demo_out", seed: int = 0) -> "DemoOptions":
         """A few steps on a small world: checks the plumbing end to end, not the science."""
         return cls(out=out, seed=seed, world=WorldSpec.small(seed), steps=6, batch_size=2, warmup=1,
-                   eval_batch_size=8, picture_samples=4, model_overrides={
-                       "min_size": 128, "max_size": 192, "anchor_sizes": (32, 64, 128, 256)})
+                   eval_batch_size=8, picture_samples=4, pseudo_threshold=0.0,
+                   model_overrides=dict(DEMO_MODEL, min_size=128, max_size=192))
 
 
 @dataclass
@@ -97,7 +101,7 @@ def stage_parse(world: WorldPaths, out_dir: Path) -> dict[str, Any]:
 
 def stage_train(o: DemoOptions, world: WorldPaths, out_dir: Path, pseudo_dir: Path | None) -> dict[str, Any]:
     from pipelines.training.options import AnnotatedImages, TrainOptions, parse_mix
-    from pipelines.training.train import train
+    from pipelines.training.runner import train
 
     options = TrainOptions(
         out=str(out_dir), gold=[AnnotatedImages(str(world.gold_json), str(world.gold_images))],

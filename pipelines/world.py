@@ -7,6 +7,8 @@ One seed gives, byte for byte, the same three datasets:
 * ``crawled/``  a larger web-like set in img2dataset webdataset layout (``00000.tar`` with
                 ``{key}.jpg/.txt/.json``, ``00000.parquet``, ``00000_stats.json``): images and
                 noisy alt-text only, no boxes;
+* ``crawled_truth.json``  the true objects of each crawled image (key -> shape, colour,
+                bbox), which no stage reads: the demo scores the teacher's pseudo-labels with it;
 * ``eval/``     a COCO detection JSON (one category per shape) and, on the same images, an
                 MDETR grounding JSON for Recall@k.
 
@@ -118,6 +120,7 @@ class WorldPaths:
     eval_coco_json: Path
     eval_grounding_json: Path
     eval_images: Path
+    crawled_truth: Path
     summary: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -379,7 +382,8 @@ def generate_world(out_dir: str | Path, spec: WorldSpec = WorldSpec()) -> WorldP
     root = Path(out_dir)
     paths = WorldPaths(root=root, gold_json=root / "gold" / "mdetr_gold.json", gold_images=root / "gold" / "images",
                        crawled_dir=root / "crawled", eval_coco_json=root / "eval" / "coco_eval.json",
-                       eval_grounding_json=root / "eval" / "mdetr_eval.json", eval_images=root / "eval" / "images")
+                       eval_grounding_json=root / "eval" / "mdetr_eval.json", eval_images=root / "eval" / "images",
+                       crawled_truth=root / "crawled_truth.json")
     for d in (paths.gold_images, paths.crawled_dir, paths.eval_images):
         d.mkdir(parents=True, exist_ok=True)
     summary: dict[str, Any] = {"spec": asdict(spec), "shapes": {"gold": {}, "crawled": {}, "eval": {}}}
@@ -400,6 +404,7 @@ def generate_world(out_dir: str | Path, spec: WorldSpec = WorldSpec()) -> WorldP
     # crawled: images + alt-text, no boxes (img2dataset keys: shard index then row, 9 digits)
     rng = np.random.default_rng([spec.seed, 2])
     records: list[dict[str, Any]] = []
+    truth: dict[str, list[dict[str, Any]]] = {}   # never read by a stage: scores pseudo-labels
     shard = 0
     for i in range(spec.crawled_images):
         n = int(rng.integers(1, min(2, spec.max_objects) + 1))
@@ -410,10 +415,13 @@ def generate_world(out_dir: str | Path, spec: WorldSpec = WorldSpec()) -> WorldP
                 "error_message": None, "caption": caption, "width": w, "height": h,
                 "original_width": w, "original_height": h, "sha256": None}
         records.append({"key": key, "jpg": jpg, "caption": caption, "meta": meta})
+        truth[key] = [{"shape": o.shape, "colour": o.colour, "bbox": o.bbox} for o in objects]
         _count_shapes(objects, summary["shapes"]["crawled"])
         if len(records) == spec.crawled_shard_size or i == spec.crawled_images - 1:
             _write_crawled_shard(paths.crawled_dir, shard, records)
             shard, records = shard + 1, []
+
+    write_json_atomic(paths.crawled_truth, truth)
 
     # eval: every shape equally likely; COCO detection JSON + MDETR grounding JSON, same images
     rng = np.random.default_rng([spec.seed, 3])

@@ -1,0 +1,30 @@
+"""A reduced `glipctl demo` (small world, a few steps) end to end through the real stages."""
+from __future__ import annotations
+
+import json
+
+from PIL import Image
+
+
+def test_small_demo_end_to_end(ray_session, cli, tmp_path):
+    out = tmp_path / "demo"
+    r = cli("demo", "--small", "--out", out, "--seed", "1")
+    assert r.exit_code == 0, r.output
+    report = json.loads((out / "report.json").read_text())
+    for who in ("teacher", "student"):
+        assert 0.0 <= report[who]["AP"] <= 1.0 and 0.0 <= report[who]["AP50"] <= 1.0
+        assert set(report[who]["per_category"]) == {"circle", "square", "triangle", "star", "heart", "cross"}
+    assert set(report["rare"]) == {"star", "heart", "mean"}
+    assert set(report["seconds"]) == {"world", "parse", "teacher", "pseudo", "student", "evaluate", "total"}
+    # every stage really ran and left its output
+    assert report["counts"]["parse"]["phrases"] > 0
+    assert report["counts"]["pseudo"]["images"] == 48 and report["counts"]["pseudo"]["boxes"] > 0
+    for stage in ("phrases", "pseudo", "teacher", "student"):
+        assert (out / stage / "_manifest.json").exists(), stage
+    assert (out / "teacher" / "config.json").exists() and (out / "student" / "config.json").exists()
+    md = (out / "report.md").read_text()
+    assert "| COCO AP" in md
+    for png in ("pseudo_samples.png", "teacher_predictions.png", "student_predictions.png"):
+        assert f"]({png})" in md
+        assert Image.open(out / png).size[0] > 100
+    assert "teacher" in r.output and "student" in r.output
