@@ -16,6 +16,7 @@ from torchvision.models.resnet import BasicBlock
 from torchvision.models.swin_transformer import PatchMerging, SwinTransformerBlock
 
 from glip.config import GLIPConfig
+from glip.swin_attention import OfficialShiftedWindowAttention
 
 
 class PatchEmbed(nn.Module):
@@ -44,7 +45,8 @@ class SwinStage(nn.Module):
         self.blocks = nn.ModuleList(
             SwinTransformerBlock(dim, heads, window_size=[window, window],
                                  shift_size=[0 if i % 2 == 0 else window // 2] * 2,
-                                 stochastic_depth_prob=drop_path[i], norm_layer=norm)
+                                 stochastic_depth_prob=drop_path[i], norm_layer=norm,
+                                 attn_layer=OfficialShiftedWindowAttention)  # official shift on thin maps too
             for i in range(depth))
         self.downsample = PatchMerging(dim, norm_layer=norm) if downsample else None
 
