@@ -57,6 +57,7 @@ class DemoOptions:
     pseudo_min_score: float = 0.0     # student-side filter (train-student --pseudo-min-score)
     eval_batch_size: int = 16
     workers: int = 1                  # Ray Train workers (DDP); 1 is fastest on 2 cores
+    cpus_per_worker: int = field(default_factory=lambda: max(1, min(4, os.cpu_count() or 1)))  # torch threads
     picture_samples: int = 8
     quiet: bool = False
 
@@ -107,7 +108,8 @@ def stage_train(o: DemoOptions, world: WorldPaths, out_dir: Path, pseudo_dir: Pa
         out=str(out_dir), gold=[AnnotatedImages(str(world.gold_json), str(world.gold_images))],
         pseudo=[str(pseudo_dir)] if pseudo_dir else [], mix=parse_mix(o.mix if pseudo_dir else None),
         preset="tiny", model_overrides=dict(o.model_overrides), steps=o.steps, batch_size=o.batch_size,
-        lr=o.lr, text_lr=o.text_lr, warmup=o.warmup, workers=o.workers, checkpoint_every=0, keep=1,
+        lr=o.lr, text_lr=o.text_lr, warmup=o.warmup, workers=o.workers, cpus_per_worker=o.cpus_per_worker,
+        checkpoint_every=0, keep=1,
         log_every=max(1, o.steps // 20), seed=o.seed, pseudo_min_score=o.pseudo_min_score,
     )
     result = train(options)
@@ -132,6 +134,49 @@ def stage_pseudo(o: DemoOptions, world: WorldPaths, phrases_dir: Path, teacher_d
             "failed": result.failed}
 
 
+def score_pseudo_labels(pseudo_dir: Path, truth_json: Path, rare_shapes: tuple[str, ...]) -> dict[str, Any]:
+    """How right the teacher's pseudo-labels are, against the world's hidden crawled truth.
+
+    A box is *correct* when its phrase names a shape and the box has IoU >= 0.5 with a true
+    object of that shape. ``rare_recall``: share of the crawled images' rare-shape objects
+    that received a correct box. Boxes on phrases naming no shape ("the weekend") are counted
+    apart: they are the alt-text noise the threshold should reject.
+    """
+    from labeling.evaluation import iou_xywh
+    from pipelines.world import SHAPES
+    from storage.shards import iter_shard_samples
+    from storage.skips import StageCounts
+
+    truth = json.loads(Path(truth_json).read_text())
+    stats = {"boxes": 0, "named": 0, "correct": 0, "noise_boxes": 0, "rare_boxes": 0, "rare_correct": 0}
+    found_rare: set[tuple[str, int]] = set()
+    for sample, _ in iter_shard_samples([str(pseudo_dir)], StageCounts()):
+        objects = truth.get(sample.key, [])
+        for b in sample.boxes:
+            stats["boxes"] += 1
+            s, e = b.tokens_positive[0]
+            words = sample.caption[s:e].lower().split()
+            named = next((w for w in reversed(words) if w in SHAPES), None)
+            if named is None:
+                stats["noise_boxes"] += 1
+                continue
+            stats["named"] += 1
+            rare = named in rare_shapes
+            stats["rare_boxes"] += rare
+            for k, o in enumerate(objects):
+                if o["shape"] == named and iou_xywh([b.bbox], [o["bbox"]])[0, 0] >= 0.5:
+                    stats["correct"] += 1
+                    stats["rare_correct"] += rare
+                    if rare:
+                        found_rare.add((sample.key, k))
+                    break
+    rare_total = sum(1 for objs in truth.values() for o in objs if o["shape"] in rare_shapes)
+    stats["precision"] = stats["correct"] / stats["named"] if stats["named"] else 0.0
+    stats["rare_precision"] = stats["rare_correct"] / stats["rare_boxes"] if stats["rare_boxes"] else 0.0
+    stats["rare_recall"] = len(found_rare) / rare_total if rare_total else 0.0
+    return stats
+
+
 def stage_evaluate(world: WorldPaths, model_dir: Path, batch_size: int) -> dict[str, Any]:
     from pipelines.commands.evaluate import evaluate_model
 
@@ -151,11 +196,11 @@ def run_demo(o: DemoOptions, say: Callable[[str], None] = print) -> DemoReport:
     counts: dict[str, Any] = {}
 
     def timed(name: str, fn: Callable[[], Any]) -> Any:
-        say(f"[demo] {name} ...")
+        say(f"demo: {name} ...")
         t0 = time.perf_counter()
         value = fn()
         seconds[name] = round(time.perf_counter() - t0, 1)
-        say(f"[demo] {name} done in {seconds[name]:.1f} s")
+        say(f"demo: {name} done in {seconds[name]:.1f} s")
         return value
 
     torch.manual_seed(o.seed)
@@ -165,6 +210,7 @@ def run_demo(o: DemoOptions, say: Callable[[str], None] = print) -> DemoReport:
     counts["teacher"] = timed("teacher", lambda: stage_train(o, world, out / "teacher", None))
     counts["pseudo"] = timed("pseudo", lambda: stage_pseudo(o, world, out / "phrases", out / "teacher",
                                                             out / "pseudo"))
+    counts["pseudo_quality"] = score_pseudo_labels(out / "pseudo", world.crawled_truth, o.world.rare_shapes)
     counts["student"] = timed("student", lambda: stage_train(o, world, out / "student", out / "pseudo"))
 
     def evaluate_both():
@@ -309,6 +355,12 @@ def count_rows(r: DemoReport) -> list[tuple[str, str]]:
             ("phrases parsed from crawled captions", str(r.counts["parse"].get("phrases", "?"))),
             ("pseudo-labelled images", str(r.counts["pseudo"].get("images", "?"))),
             ("pseudo boxes", str(r.counts["pseudo"].get("boxes", "?")))]
+    q = r.counts.get("pseudo_quality")
+    if q:
+        rows += [("pseudo boxes on shape phrases: correct (IoU>=0.5)", f"{100 * q['precision']:.0f}%"),
+                 ("  on rare shapes: correct", f"{100 * q['rare_precision']:.0f}% of {q['rare_boxes']}"),
+                 ("  rare-shape objects found (recall)", f"{100 * q['rare_recall']:.0f}%"),
+                 ("pseudo boxes on phrases naming no shape", str(q["noise_boxes"]))]
     for k, v in r.seconds.items():
         rows.append((f"seconds: {k}", f"{v:.1f}"))
     return rows

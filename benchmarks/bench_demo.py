@@ -1,0 +1,86 @@
+"""`glipctl demo` over 3 seeds: teacher vs student AP (mean and spread) and seconds per stage.
+
+Each seed runs ``glipctl demo --seed S --out bench_out/demo/seed<S>`` in its own process
+(a fresh Ray each time, as a user would run it). ``GLIPCTL_BENCH_DEMO_REUSE=1`` builds the
+section from report.json files already there (runs made earlier, e.g. one seed at a time).
+Quick mode (``GLIPCTL_BENCH_QUICK``) runs one ``--small`` demo: plumbing only, no science.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+OUT = REPO / "bench_out" / "demo"
+SEEDS = (0, 1, 2)
+
+
+def _run_seed(seed: int, small: bool) -> dict:
+    out = OUT / (f"small{seed}" if small else f"seed{seed}")
+    report = out / "report.json"
+    if os.environ.get("GLIPCTL_BENCH_DEMO_REUSE") and report.exists():
+        return json.loads(report.read_text())
+    cmd = [str(REPO / ".venv" / "bin" / "glipctl"), "demo", "--seed", str(seed), "--out", str(out)]
+    if small:
+        cmd.append("--small")
+    if not Path(cmd[0]).exists():
+        cmd = [sys.executable, "-m", "pipelines.cli"] + cmd[1:]
+    t0 = time.time()
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"demo seed {seed} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    data = json.loads(report.read_text())
+    data["wall_s"] = round(time.time() - t0, 1)
+    return data
+
+
+def _stat(values: list[float]) -> str:
+    values = [100 * v for v in values]
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+
+
+def run(quick: bool) -> str:
+    seeds = SEEDS[:1] if quick else SEEDS
+    reports = {s: _run_seed(s, small=quick) for s in seeds}
+    load = os.getloadavg()[0]
+    rows = [
+        ("COCO AP, all shapes", [r["teacher"]["AP"] for r in reports.values()], [r["student"]["AP"] for r in reports.values()]),
+        ("AP50", [r["teacher"]["AP50"] for r in reports.values()], [r["student"]["AP50"] for r in reports.values()]),
+        ("AP, rare shapes (mean)", [r["rare"]["mean"]["teacher"] for r in reports.values()],
+         [r["rare"]["mean"]["student"] for r in reports.values()]),
+        ("AP, common shapes (mean)", [r["counts"]["common_mean"]["teacher"] for r in reports.values()],
+         [r["counts"]["common_mean"]["student"] for r in reports.values()]),
+    ]
+    lines = ["## demo: teacher (gold only) vs student (gold + pseudo-labels)", "",
+             f"`glipctl demo{' --small' if quick else ''}` on seeds {', '.join(map(str, seeds))} "
+             "(generated world, `tiny` GLIP, same steps/batch/lr for both models; AP in percent, "
+             "mean ± sample standard deviation over seeds). Baseline: the teacher.", "",
+             "| metric | teacher | student | student - teacher |", "|---|---:|---:|---:|"]
+    for name, t, s in rows:
+        diff = [b - a for a, b in zip(t, s)]
+        lines.append(f"| {name} | {_stat(t)} | {_stat(s)} | {_stat(diff)} |")
+    lines += ["", "Per seed (AP / rare AP, teacher -> student; pseudo-label correctness on rare shapes):", ""]
+    for seed, r in reports.items():
+        q = r["counts"].get("pseudo_quality", {})
+        lines.append(f"- seed {seed}: AP {100 * r['teacher']['AP']:.1f} -> {100 * r['student']['AP']:.1f}, "
+                     f"rare {100 * r['rare']['mean']['teacher']:.1f} -> {100 * r['rare']['mean']['student']:.1f}; "
+                     f"rare pseudo boxes correct {100 * q.get('rare_precision', 0):.0f}%, "
+                     f"rare objects found {100 * q.get('rare_recall', 0):.0f}%")
+    stages = [k for k in next(iter(reports.values()))["seconds"]]
+    lines += ["", "| seconds per stage | " + " | ".join(stages) + " |", "|---|" + "---:|" * len(stages)]
+    for seed, r in reports.items():
+        lines.append(f"| seed {seed} | " + " | ".join(f"{r['seconds'].get(k, 0):.0f}" for k in stages) + " |")
+    lines += ["", f"Budget: 15 minutes (900 s) on 2 CPU cores. Load average when this section was written: "
+              f"{load:.1f} (above 2 means other work shared the cores and the seconds are pessimistic)."]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(run(bool(os.environ.get("GLIPCTL_BENCH_QUICK"))))
