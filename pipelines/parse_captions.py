@@ -164,24 +164,11 @@ class PhraseActor:
     be written: ``no_phrases``, ``parse_error``). Trailer rows pass through untouched.
     """
 
-    spacy_model: str = DEFAULT_SPACY_MODEL
-    expressions: bool = False
-    nlp_batch_size: int = 256
-
-    def __init__(self):
+    def __init__(self, spacy_model: str, expressions: bool, nlp_batch_size: int = 256):
         from labeling.phrases import PhraseExtractor, load_spacy
 
-        self.extractor = PhraseExtractor(load_spacy(self.spacy_model), expressions=self.expressions,
-                                         batch_size=self.nlp_batch_size)
-
-    @classmethod
-    def configured(cls, spacy_model: str, expressions: bool) -> type["PhraseActor"]:
-        """A subclass carrying the settings as class attributes.
-
-        Ray ships the class by value with the task; constructor arguments would instead sit
-        in the object store, where a restarted actor may no longer find them.
-        """
-        return type(cls.__name__, (cls,), {"spacy_model": spacy_model, "expressions": expressions})
+        self.extractor = PhraseExtractor(load_spacy(spacy_model), expressions=expressions,
+                                         batch_size=nlp_batch_size)
 
     def __call__(self, table: pa.Table) -> pa.Table:
         captions = table.column("caption").to_pylist()
@@ -360,10 +347,12 @@ def _actor_cpus(workers: int, cluster_cpus: float, nodes: int = 1) -> float:
 
 
 def run_parse_captions(shards: list[CrawledShard], out_dir: str | Path, options: ParseOptions,
-                       on_progress: Callable[[int, int, int], None] | None = None) -> ParseResult:
+                       on_progress: Callable[[int, int, int], None] | None = None,
+                       inputs: list[str] | None = None) -> ParseResult:
     """Parse every shard not yet done into ``out_dir``; Ray must already be initialised.
 
-    ``on_progress(captions_so_far, shards_finished, shards_total)`` is called per batch.
+    ``on_progress(captions_so_far, shards_finished, shards_total)`` is called per batch;
+    ``inputs`` (the paths the user gave) are recorded in the manifest's options.
     Returns what happened; the manifest is saved as shards finish and at the end.
     """
     import ray
@@ -387,7 +376,7 @@ def run_parse_captions(shards: list[CrawledShard], out_dir: str | Path, options:
             pending.append(shard)
             for leftover in out_dir.glob(f".{shard.name}.parquet.*.tmp"):   # a crash mid-write
                 leftover.unlink(missing_ok=True)
-    manifest.options = asdict(options)
+    manifest.options = {**asdict(options), "inputs": [str(i) for i in inputs or []]}
     manifest.save(out_dir)
     started = time.perf_counter()
     if not pending:
@@ -415,6 +404,7 @@ def run_parse_captions(shards: list[CrawledShard], out_dir: str | Path, options:
         save()
 
     collector = ShardCollector(out_dir, on_done, on_failed)
+    quiet = _quiet_ray_data()
     ds = _build_dataset(pending, options, workers, _actor_cpus(workers, cluster_cpus, nodes))
     try:
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
@@ -428,6 +418,7 @@ def run_parse_captions(shards: list[CrawledShard], out_dir: str | Path, options:
             if shard.name not in finished:
                 on_failed(shard.name, {}, f"pipeline error: {type(exc).__name__}: {exc}"[:2000])
     finally:
+        quiet.restore()
         save(force=True)
     for name in collector.pending():   # a trailer that never came (should not happen): not done
         if name not in result.failed and name not in result.done:
@@ -437,14 +428,30 @@ def run_parse_captions(shards: list[CrawledShard], out_dir: str | Path, options:
     return result
 
 
+class _quiet_ray_data:
+    """Turn off Ray Data's own progress bars and stats logs (the command draws its own with
+    captions/s) for this run only; ``restore`` puts the process-wide settings back."""
+
+    SETTINGS = {"enable_progress_bars": False, "print_on_execution_start": False,
+                "enable_auto_log_stats": False}
+
+    def __init__(self):
+        import ray.data
+
+        self.ctx = ray.data.DataContext.get_current()
+        self.saved = {k: getattr(self.ctx, k) for k in self.SETTINGS}
+        for k, v in self.SETTINGS.items():
+            setattr(self.ctx, k, v)
+
+    def restore(self) -> None:
+        for k, v in self.saved.items():
+            setattr(self.ctx, k, v)
+
+
 def _build_dataset(pending: list[CrawledShard], options: ParseOptions, workers: int,
                    actor_cpus: float):
     import ray.data
 
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False          # the command draws its own (captions/s)
-    ctx.print_on_execution_start = False
-    ctx.enable_auto_log_stats = False
     items = [_shard_item(s) for s in pending]
     return (ray.data.from_items(items, override_num_blocks=len(items))
             .map_batches(read_shards, batch_size=1, batch_format="numpy",
@@ -452,8 +459,9 @@ def _build_dataset(pending: list[CrawledShard], options: ParseOptions, workers: 
                          num_cpus=READ_TASK_CPUS,
                          compute=ray.data.TaskPoolStrategy(
                              size=max(1, min(len(items), -(-workers // ACTORS_PER_READER)))))
-            .map_batches(PhraseActor.configured(options.spacy_model, options.expressions),
-                         batch_size=options.batch_size, batch_format="pyarrow",
+            .map_batches(PhraseActor, batch_size=options.batch_size, batch_format="pyarrow",
+                         fn_constructor_kwargs={"spacy_model": options.spacy_model,
+                                                "expressions": options.expressions},
                          # autoscaling pool: a lost node shrinks it instead of deadlocking;
                          # Ray Data restarts dead actors and retries their batches.
                          # all actors start at once (no ramp-up), but the pool may shrink.

