@@ -49,8 +49,11 @@ def main(
     eval: Annotated[Optional[list[str]], typer.Option(
         "--eval", help="Held-out data ANN.json=IMAGE_DIR: COCO detection (AP) or MDETR grounding (Recall@k), "
                        "plus held-out loss (repeatable).")] = None,
-    eval_every: Annotated[int, typer.Option(min=0, help="Evaluate every N steps (needs --eval).")] = 0,
+    eval_every: Annotated[int, typer.Option(
+        min=0, help="Evaluate every N steps (needs --eval; 0: once, at the end).")] = 0,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint in OUT.")] = False,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Delete a previous run's checkpoints and metrics in OUT and start over.")] = False,
     address: Annotated[Optional[str], typer.Option(help="Ray cluster to join (default: RAY_ADDRESS or local).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of sampling, augmentation and initialisation.")] = 0,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every skip reason.")] = False,
@@ -71,7 +74,7 @@ def main(
         cpus_per_worker=cpus_per_worker, amp=amp, pseudo_min_score=pseudo_min_score,
         checkpoint_every=checkpoint_every, keep=keep, log_every=log_every,
         eval=[AnnotatedImages.parse(v, "--eval") for v in eval or []], eval_every=eval_every,
-        resume=resume, address=address, seed=seed)
+        resume=resume, overwrite=overwrite, address=address, seed=seed)
     try:
         result = train(options)
     except TrainingFailed as exc:   # diverged, or a worker died: not the input's fault, exit 1

@@ -229,7 +229,7 @@ def run_worker(config: dict[str, Any], ctx: WorkerContext = WorkerContext()) -> 
 
     metrics = MetricsLog(out, start_step) if rank == 0 else None
     evaluator = None
-    if rank == 0 and options.eval_every and config.get("heldout"):
+    if rank == 0 and config.get("heldout"):
         from pipelines.training.heldout import HeldOutEvaluator
         evaluator = HeldOutEvaluator(config["heldout"], cfg.min_size, cfg.max_size, cfg.max_query_len,
                                      options.eval_samples, options.batch_size, options.seed)
@@ -271,7 +271,8 @@ def run_worker(config: dict[str, Any], ctx: WorkerContext = WorkerContext()) -> 
         window_samples += len(batch) * world
 
         log_now = done % options.log_every == 0 or done == options.steps
-        eval_now = evaluator is not None and (done % options.eval_every == 0 or done == options.steps)
+        eval_now = evaluator is not None and (
+            (options.eval_every and done % options.eval_every == 0) or done == options.steps)
         if rank == 0 and (log_now or eval_now):
             elapsed = time.perf_counter() - window_start
             row = {"step": done, **{n: round(float(v), 6) for n, v in zip(names, terms.tolist())}}

@@ -90,6 +90,7 @@ class TrainOptions:
     eval_every: int = 0
     eval_samples: int = 64
     resume: bool = False
+    overwrite: bool = False            # delete a previous run's checkpoints and metrics in ``out`` first
     address: str | None = None
     seed: int = 0
     augment: bool = True
@@ -108,6 +109,8 @@ class TrainOptions:
             raise InputError(f"--schedule {self.schedule!r}: expected cosine or step")
         if not (self.lr > 0 and self.text_lr >= 0):
             raise InputError("--lr must be > 0 and --text-lr >= 0")
+        if self.resume and self.overwrite:
+            raise InputError("--resume and --overwrite contradict each other: choose one")
         if self.eval_every and not self.eval:
             raise InputError("--eval-every needs --eval ANN.json=IMAGE_DIR")
         present = {"gold": bool(self.gold), "pseudo": bool(self.pseudo), "detection": bool(self.detection)}

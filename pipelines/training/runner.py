@@ -27,11 +27,27 @@ log = logging.getLogger("glipctl.train")
 STAGE = "train-student"
 
 
+# What a run writes into --out; --overwrite deletes exactly these (and nothing else there).
+RUN_OUTPUTS = ("checkpoints", "_ray", "metrics.jsonl", "_manifest.json", "config.json", "model.safetensors",
+               "tokenizer", "train_state.pt")
+
+
+def _clear_previous_run(out: Path) -> None:
+    import shutil
+
+    for name in RUN_OUTPUTS:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
 def _resume_point(options: TrainOptions, out: Path) -> Path | None:
     existing = latest_checkpoint(out)
-    if existing is not None and not options.resume:
+    if existing is not None and not options.resume and not options.overwrite:
         raise InputError(f"{out} already holds checkpoints (newest {existing.name}); "
-                         f"pass --resume to continue that run or choose another --out")
+                         f"pass --resume to continue that run, --overwrite to start over, or choose another --out")
     if options.resume and existing is None:
         log.warning("--resume: no checkpoint in %s yet, starting from step 0", out)
     return existing if options.resume else None
@@ -152,8 +168,10 @@ def train(options: TrainOptions, progress: bool = True) -> TrainResult:
 
     sources = load_sources(options.gold, options.detection, options.pseudo)
     eval_counts = StageCounts()
-    heldout = [HeldOutSet.load(spec, eval_counts) for spec in options.eval] if options.eval_every else []
+    heldout = [HeldOutSet.load(spec, eval_counts) for spec in options.eval]
     start_step = int(load_train_state(resume_from)["step"]) if resume_from else 0
+    if options.overwrite:   # only now: bad input must not cost the previous run
+        _clear_previous_run(out)
     _write_manifest(out, options, resume_from, "running", _driver_counts(sources.counts, {}), start_step)
 
     use_gpu = options.gpus_per_worker > 0

@@ -128,3 +128,16 @@ def test_bad_input_is_exit_2_before_training(cli, world, tmp_path):
     assert malformed.exit_code == 2 and "ANN.json=IMAGE_DIR" in _said(malformed)
     nothing = cli("train-student", "--out", str(tmp_path / "d"))
     assert nothing.exit_code == 2 and "nothing to train on" in _said(nothing)
+
+
+def test_overwrite_never_costs_the_previous_run_on_bad_input(cli, world, tmp_path):
+    from pipelines.training.checkpointing import save_checkpoint
+
+    out = tmp_path / "run"
+    save_checkpoint(out, 7, lambda folder: (folder / "config.json").write_text("{}"), {"step": 7}, keep=2)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    bad = cli("train-student", "--gold", f"{world.gold_json}={empty}", "--out", str(out), "--overwrite")
+    assert bad.exit_code == 2 and [s for s, _ in list_checkpoints(out)] == [7]
+    both = cli("train-student", "--gold", world.gold_arg, "--out", str(out), "--overwrite", "--resume")
+    assert both.exit_code == 2 and "contradict" in _said(both)
