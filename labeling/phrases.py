@@ -46,8 +46,12 @@ _PRONOUN_TAGS = frozenset({"PRP", "PRP$", "WP", "WP$", "WDT", "WRB", "EX"})
 # Dependency labels a referring expression grows through (GRIT: prepositional
 # modifiers with their objects, participial and relative clauses) ...
 _EXPAND_DEPS = frozenset({"prep", "acl", "relcl"})
-# ... and labels it never crosses: a conjunct is another object, punctuation ends it.
-_BOUNDARY_DEPS = frozenset({"cc", "conj", "punct", "appos", "parataxis", "preconj"})
+# ... and labels it never crosses: punctuation and appositions end it, and a conjunct of
+# a noun is another object ("a dog and a cat"); conjoined modifiers ("black and white")
+# and verbs ("sitting and reading") describe the same one and are kept.
+_BOUNDARY_DEPS = frozenset({"punct", "appos", "parataxis", "preconj"})
+_COORD_DEPS = frozenset({"cc", "conj"})
+_NOMINAL_POS = frozenset({"NOUN", "PROPN", "PRON", "NUM"})
 # Words an expression must not end on once a cut leaves them dangling ("a dog with").
 _DANGLING_POS = frozenset({"ADP", "CCONJ", "SCONJ", "DET", "PART", "PRON", "AUX", "PUNCT", "SPACE"})
 
@@ -202,7 +206,9 @@ class PhraseExtractor:
         """Phrases of one parsed Doc; offsets index ``doc.text`` (the caption, unchanged)."""
         text = doc.text
         spans: list[tuple[int, int, str]] = []       # (first token, last token + 1, root)
-        for chunk in doc.noun_chunks:
+        chunks = list(doc.noun_chunks)
+        chunk_spans = [(c.start, c.end) for c in chunks]
+        for chunk in chunks:
             root = chunk.root
             if not self._groundable(root):
                 continue
@@ -210,7 +216,7 @@ class PhraseExtractor:
             if lo >= hi:
                 continue
             if self.expressions:
-                lo, hi = _expression(doc, root, lo, hi)
+                lo, hi = _expression(doc, root, lo, hi, chunk_spans)
             spans.append((lo, hi, (root.lemma_ or root.text).lower()))
 
         if self.expressions:
@@ -249,21 +255,38 @@ def _trim(doc, lo: int, hi: int) -> tuple[int, int]:
     return lo, hi
 
 
-def _expression(doc, root, lo: int, hi: int) -> tuple[int, int]:
-    """Grow the chunk [lo, hi) to its referring expression; returns a contiguous token range."""
-    keep = set(range(lo, hi))
-    stack = [child for child in root.children if child.dep_ in _EXPAND_DEPS]
-    while stack:
-        tok = stack.pop()
-        if tok.dep_ in _BOUNDARY_DEPS or tok.i in keep:
-            continue
-        keep.add(tok.i)
-        stack.extend(tok.children)
-    # A non-projective or partly cut subtree can leave gaps: keep the run around the chunk.
-    while lo - 1 in keep:
-        lo -= 1
-    while hi in keep:
-        hi += 1
+def _expression(doc, root, lo: int, hi: int, chunk_spans: list[tuple[int, int]]) -> tuple[int, int]:
+    """Grow the chunk [lo, hi) to its referring expression; returns a contiguous token range.
+
+    Each prepositional / clausal child of the head is taken with its subtree (pruned at
+    boundaries) only when the result stays one contiguous run that does not cut through
+    another noun chunk; otherwise that child is left out. Dangling function words at the
+    end ("a dog with") are trimmed.
+    """
+    for child in sorted((c for c in root.children if c.dep_ in _EXPAND_DEPS), key=lambda t: t.i):
+        part = _pruned_subtree(child)
+        first, last = min(part), max(part) + 1
+        if len(part) != last - first or first > hi or last < lo:
+            continue                                  # a gap: not one phrase
+        new_lo, new_hi = min(lo, first), max(hi, last)
+        if any(s < new_lo < e or s < new_hi < e for s, e in chunk_spans):
+            continue                                  # would end inside another noun phrase
+        lo, hi = new_lo, new_hi
     while hi - 1 > root.i and doc[hi - 1].pos_ in _DANGLING_POS:
         hi -= 1
     return lo, hi
+
+
+def _pruned_subtree(top) -> set[int]:
+    """Token indices of ``top``'s subtree, not crossing boundaries or noun coordination."""
+    keep: set[int] = set()
+    stack = [top]
+    while stack:
+        tok = stack.pop()
+        if tok.i in keep or tok.dep_ in _BOUNDARY_DEPS:
+            continue
+        if tok.dep_ in _COORD_DEPS and tok is not top and tok.head.pos_ in _NOMINAL_POS:
+            continue
+        keep.add(tok.i)
+        stack.extend(tok.children)
+    return keep

@@ -111,8 +111,21 @@ def test_referring_expressions_are_exact_and_not_nested(nlp):
             assert not any(b != a and b[0] <= a[0] and a[1] <= b[1] for b in spans)
     assert out[0][0] == {"text": "A woman in a red dress", "start": 0, "end": 22, "root": "woman"}
     assert "a crowd of people" in [p["text"] for p in out[1]]
-    # expressions never cross a conjunction: two separate dogs
+    # expressions never cross a conjunction of nouns: two separate dogs
     assert [p["text"] for p in out[2]] == ["A black dog", "a spotted dog"]
+    # ... but conjoined verbs describe the same referent
+    assert [p["text"] for p in ex.extract("A man sitting and reading on a bench")] == \
+        ["A man sitting and reading on a bench"]
+
+
+def test_expressions_never_cut_a_noun_phrase_on_real_captions(nlp, flickr_captions):
+    ex = PhraseExtractor(nlp, expressions=True)
+    captions = flickr_captions[5000:5300]
+    for caption, doc, phrases in zip(captions, nlp.pipe(captions), ex.extract_batch(captions)):
+        check_spans(caption, phrases)
+        chunks = [(c.start_char, c.end_char) for c in doc.noun_chunks]
+        for p in phrases:
+            assert not any(s < p["start"] < e or s < p["end"] < e for s, e in chunks), (caption, p)
 
 
 def test_stoplist_file_is_documented_and_overridable(nlp, tmp_path):
