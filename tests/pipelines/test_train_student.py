@@ -86,17 +86,17 @@ def test_one_worker_gold_pseudo_detection_then_resume(cli, ray_session, world, p
     assert all(len(box["bbox"]) == 4 for phrase in grounded[0] for box in phrase)
 
     # the same --out without --resume is refused (exit 2) before anything runs
-    refused = cli(*args, "--steps", "5")
+    refused = cli(*args, "--steps", "4")
     assert refused.exit_code == 2 and "--resume" in _said(refused)
 
-    _ok(cli(*args, "--steps", "5", "--resume"))
+    _ok(cli(*args, "--steps", "4", "--resume"))
     rows = read_metrics(out / "metrics.jsonl")
-    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]                              # the curve continues
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]                                 # the curve continues
     # the schedule continued from step 3 (a fresh one would still be warming up)
-    assert rows[3]["lr"] == pytest.approx(1e-4 * lr_factor(3, 5, 1, "cosine"))
-    assert [s for s, _ in list_checkpoints(out)] == [4, 5]
-    assert load_train_state(out)["step"] == 5
-    assert json.loads((out / "_manifest.json").read_text())["options"]["reached_step"] == 5
+    assert rows[3]["lr"] == pytest.approx(1e-4 * lr_factor(3, 4, 1, "cosine"))
+    assert [s for s, _ in list_checkpoints(out)] == [3, 4]
+    assert load_train_state(out)["step"] == 4
+    assert json.loads((out / "_manifest.json").read_text())["options"]["reached_step"] == 4
 
 
 def test_two_workers_gold_only_with_evaluation(ray_session, world, tmp_path):

@@ -1,43 +1,54 @@
-"""The per-worker loop run in-process (world size 1, no Ray): divergence keeps the last good
-checkpoint; a resumed loop restores the step, the schedule and the data position."""
+"""The per-worker loop run in-process (world size 1, no Ray): a resumed run continues the
+loss curve exactly; divergence stops the run and keeps the last good checkpoint."""
 from __future__ import annotations
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipelines.training.checkpointing import list_checkpoints, load_train_state
+from pipelines.training.checkpointing import checkpoint_dir, list_checkpoints, load_train_state
 from pipelines.training.loop import TrainingDiverged, read_metrics, run_worker
 from pipelines.training.options import AnnotatedImages, TrainOptions
 from pipelines.training.sources import load_sources
-from training_helpers import make_world
-
-SMALL = {"min_size": 48, "max_size": 64}
+from training_helpers import make_world, write_pseudo_shards
 
 
-def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tmp_path):
+def _run(options: TrainOptions, sources, resume_from=None):
+    return run_worker({"options": options, "sources": sources, "out": options.out,
+                       "resume_from": str(resume_from) if resume_from else None, "heldout": []})
+
+
+def test_resume_continues_the_loss_curve_and_nan_keeps_the_last_good_checkpoint(tmp_path):
     world = make_world(tmp_path / "world", gold_images=6)
-    out = tmp_path / "out"
-    out.mkdir()
-    options = TrainOptions(out=str(out), gold=[AnnotatedImages(str(world.gold_json), str(world.gold_images))],
-                           model_overrides=SMALL, steps=1, batch_size=1, warmup=0, checkpoint_every=1, log_every=1)
-    sources = load_sources(options.gold, [], [])
-    config = {"options": options, "sources": sources, "out": str(out), "resume_from": None, "heldout": []}
-    summary = run_worker(config)
-    assert summary["step"] == 1 and [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1]
-    ((_, good),) = list_checkpoints(out)
-    state = load_train_state(good)
-    assert state["step"] == 1 and state["world_size"] == 1 and state["ranks"][0]["feed"]["cursors"]["gold"]
-    assert state["scheduler"]["last_epoch"] == 1
+    write_pseudo_shards(world, tmp_path / "pseudo", shards=2, per_shard=3)
 
-    # the weights of the saved model turn bad: the next step's centerness loss is NaN
+    def options(out: str, steps: int) -> TrainOptions:
+        (tmp_path / out).mkdir(exist_ok=True)
+        return TrainOptions(out=str(tmp_path / out), gold=[AnnotatedImages(str(world.gold_json), str(world.gold_images))],
+                            pseudo=[str(tmp_path / "pseudo")], model_overrides={"min_size": 48, "max_size": 64},
+                            steps=steps, batch_size=2, warmup=1, checkpoint_every=1, log_every=1, seed=3)
+
+    sources = load_sources(options("straight", 2).gold, [], options("straight", 2).pseudo)
+    straight = _run(options("straight", 2), sources)
+    _run(options("resumed", 1), sources)
+    state = load_train_state(checkpoint_dir(tmp_path / "resumed", 1))
+    assert state["step"] == 1 and state["world_size"] == 1 and state["scheduler"]["last_epoch"] == 1
+    assert state["ranks"][0]["feed"]["pseudo"] is not None
+    resumed = _run(options("resumed", 2), sources, checkpoint_dir(tmp_path / "resumed", 1))
+    assert resumed["start_step"] == 1 and [r["step"] for r in resumed["rows"]] == [2]
+    # same weights, optimizer, schedule, data position and RNG: step 2 is the same step
+    for term in ("loss", "loss_cls", "loss_box", "loss_centerness", "lr"):
+        assert resumed["rows"][0][term] == pytest.approx(straight["rows"][1][term], rel=1e-4, abs=1e-6), term
+    assert [r["step"] for r in read_metrics(tmp_path / "resumed" / "metrics.jsonl")] == [1, 2]
+
+    # the saved weights turn bad: the next step's centerness loss is NaN
+    good = checkpoint_dir(tmp_path / "resumed", 2)
     weights = load_file(str(good / "model.safetensors"))
     weights["head.centerness.bias"] = torch.full_like(weights["head.centerness.bias"], float("nan"))
     save_file(weights, str(good / "model.safetensors"))
-    options.steps = 3
     with pytest.raises(TrainingDiverged) as info:
-        run_worker({**config, "resume_from": str(good)})
+        _run(options("resumed", 4), sources, good)
     message = str(info.value)
-    assert "loss" in message and "step 2" in message and str(good) in message
-    assert [s for s, _ in list_checkpoints(out)] == [1]            # nothing written after the NaN
-    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1]
+    assert "loss" in message and "step 3" in message and str(good) in message
+    assert [s for s, _ in list_checkpoints(tmp_path / "resumed")] == [1, 2]       # nothing after the NaN
+    assert [r["step"] for r in read_metrics(tmp_path / "resumed" / "metrics.jsonl")] == [1, 2]
