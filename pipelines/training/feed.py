@@ -35,11 +35,11 @@ class TrainExample:
     key: str
 
 
-def detection_prompt(image: DetectionImage, rng: np.random.Generator, negatives: int,
+def detection_prompt(image: DetectionImage, rng: np.random.Generator, negatives: int | None,
                      max_tokens: int = 256) -> tuple[str, list[list[float]], list[list[list[int]]]]:
     """Caption "cat. dog. car." naming the image's categories plus 0..``negatives`` absent
-    ones (random count, random choice), in random order; returns (caption, boxes [x, y, w, h],
-    spans per box).
+    ones (random count, random choice; ``None``: every absent one, as evaluation prompts do),
+    in random order; returns (caption, boxes [x, y, w, h], spans per box).
 
     Names are added, positives first, while the caption fits ``max_tokens`` (by the
     conservative ``storage.coco.estimate_tokens``); boxes of a category that did not fit are
@@ -51,8 +51,11 @@ def detection_prompt(image: DetectionImage, rng: np.random.Generator, negatives:
     positives = [positives[i] for i in rng.permutation(len(positives))]
     present = set(positives)
     pool = [c for c in image.categories if c not in present]
-    count = int(rng.integers(0, min(negatives, len(pool)) + 1)) if pool and negatives > 0 else 0
-    chosen = [pool[i] for i in rng.choice(len(pool), count, replace=False)] if count else []
+    if negatives is None:
+        chosen = pool
+    else:
+        count = int(rng.integers(0, min(negatives, len(pool)) + 1)) if pool and negatives > 0 else 0
+        chosen = [pool[i] for i in rng.choice(len(pool), count, replace=False)] if count else []
     names: list[str] = []
     for name in positives + chosen:
         if not names or estimate_tokens(SEPARATOR.join(names + [name]) + ".") <= max_tokens:
@@ -84,7 +87,7 @@ class MixedFeed:
 
     def __init__(self, sources: TrainingSources, weights: dict[str, float], augment: TrainAugment,
                  seed: int, rank: int = 0, world: int = 1, pseudo_min_score: float = 0.0,
-                 detection_negatives: int = 8, shuffle_buffer: int = 256, max_tokens: int = 256):
+                 detection_negatives: int | None = 8, shuffle_buffer: int = 256, max_tokens: int = 256):
         available = sources.available()
         self.mix = MixSampler({n: w for n, w in weights.items() if available.get(n)}, seed, rank)
         self.sources, self.augment = sources, augment

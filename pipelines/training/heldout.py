@@ -56,7 +56,7 @@ class HeldOutEvaluator:
             source = "detection" if held.detection else "gold"
             size = len(held.sources.detection if held.detection else held.sources.gold)
             # every category named, none at random: the whole vocabulary as negatives
-            feed = MixedFeed(held.sources, {source: 1.0}, augment, seed=seed, detection_negatives=10 ** 6,
+            feed = MixedFeed(held.sources, {source: 1.0}, augment, seed=seed, detection_negatives=None,
                              max_tokens=max_tokens)
             self.examples.extend(feed.next_batch(min(samples, size)))
 

@@ -184,6 +184,8 @@ def test_detection_prompt_names_positives_and_negatives():
         for (s, e), (_, name) in zip([sp[0] for sp in spans], image.boxes):
             assert caption[s:e] == name
     assert negatives_seen == {"car", "bus", "tree", "zebra"}
+    caption, _, _ = detection_prompt(image, rng, negatives=None)
+    assert set(caption.rstrip(".").split(". ")) == set(image.categories)     # evaluation: every name
     # a token budget too small for every name: boxes of names left out are dropped
     caption, boxes, spans = detection_prompt(image, rng, negatives=0, max_tokens=5)
     assert len(caption.rstrip(".").split(". ")) == 1 and len(boxes) in (1, 2)
