@@ -128,12 +128,17 @@ def read_shards(batch: dict[str, Any], max_caption_chars: int,
         sent = 0
         error = None
         rows: dict[str, list] = {n: [] for n in _ROW_SCHEMA.names}
+        keys: set[str] = set()     # a key names the sample's files downstream: one per shard
         try:
             for rec in shard.iter_records(counts, with_images=False):
                 caption, reason = clean_caption(rec["caption"], max_caption_chars, fixes)
                 if caption is None:
                     counts.skip(reason, f"{shard.path} key {rec['key']}")
                     continue
+                if rec["key"] in keys:
+                    counts.skip("duplicate_key", f"{shard.path} key {rec['key']}")
+                    continue
+                keys.add(rec["key"])
                 for name, value in (("key", rec["key"]), ("caption", caption), ("url", rec["url"]),
                                     ("width", rec["width"]), ("height", rec["height"]),
                                     ("source_shard", shard.name),
@@ -233,11 +238,11 @@ class ShardCollector:
 
         trailer = pc.is_valid(table.column("shard_info"))
         data = table.filter(pc.invert(trailer))
-        for name in pc.unique(data.column("source_shard")).to_pylist():
+        touched = set(pc.unique(data.column("source_shard")).to_pylist())
+        for name in touched:
             part = data.filter(pc.equal(data.column("source_shard"), name))
             self.parts.setdefault(name, []).append(part)
             self.seen[name] += part.num_rows
-        touched = set(pc.unique(data.column("source_shard")).to_pylist())
         for row in table.filter(trailer).select(["source_shard", "shard_info"]).to_pylist():
             self.info[row["source_shard"]] = json.loads(row["shard_info"])
             touched.add(row["source_shard"])
@@ -256,10 +261,13 @@ class ShardCollector:
             return
         parts = self.parts.pop(name, [])
         del self.info[name]
-        self.seen.pop(name, None)
+        seen = self.seen.pop(name, 0)
         counts = StageCounts.from_dict(info["counts"])
         if info.get("error"):
             self.on_failed(name, counts.to_dict(), info["error"])
+            return
+        if seen != info["rows"]:    # rows delivered twice: never write a file we cannot trust
+            self.on_failed(name, counts.to_dict(), f"got {seen} rows, the reader sent {info['rows']}")
             return
         table = pa.concat_tables(parts) if parts else None
         if table is not None and table.num_rows:
@@ -271,7 +279,11 @@ class ShardCollector:
             table = PHRASE_SCHEMA.empty_table()
         counts.written = table.num_rows
         output = f"{name}.parquet"
-        write_phrase_table(self.out_dir / output, table)
+        try:
+            write_phrase_table(self.out_dir / output, table)
+        except OSError as exc:     # disk full, permissions: this shard fails, the run goes on
+            self.on_failed(name, counts.to_dict(), f"writing {output}: {exc}")
+            return
         entry = counts.to_dict()
         entry["cleaned"] = dict(sorted(info.get("cleaned", {}).items()))
         entry["phrases"] = int(pc.sum(pc.list_value_length(table.column("phrases"))).as_py() or 0)

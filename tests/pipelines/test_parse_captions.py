@@ -77,7 +77,7 @@ def crawl(tmp_path_factory, flickr_captions):
                              "key": [f"web{i}" for i in range(21)]}), extra / "web.parquet")
     lines = [json.dumps({"caption": c, "key": f"js{i}"}) for i, c in enumerate(caps[90:110])]
     lines += [json.dumps({"caption": 42, "key": "num"}), json.dumps({"caption": "", "key": "empty"}),
-              "{not json"]
+              "{not json", json.dumps({"caption": "a second dog", "key": "js0"})]
     (extra / "more.jsonl").write_bytes("\n".join(lines).encode() + b"\n" +
                                        b'{"caption": "bad \xff bytes", "key": "bin"}\n')
     (extra / "broken.parquet").write_bytes(b"PAR1 this is not a parquet file at all")
@@ -154,8 +154,8 @@ def test_parse_all_input_kinds(parsed, crawl):
     assert 0 < shards["00001"]["counts"]["written"] < 40                     # what came before the cut
     assert shards["web"]["counts"] == {**shards["web"]["counts"], "read": 21, "written": 20,
                                        "skipped": {"missing_caption": 1}}
-    assert shards["more"]["counts"]["skipped"] == {"bad_json": 1, "invalid_utf8": 1,
-                                                   "missing_caption": 2}
+    assert shards["more"]["counts"]["skipped"] == {"bad_json": 1, "duplicate_key": 1,
+                                                   "invalid_utf8": 1, "missing_caption": 2}
     assert shards["more"]["counts"]["written"] == 20
     assert shards["broken"]["counts"]["skipped"] == {"unreadable_parquet": 1}
     assert tables["broken"].num_rows == 0
