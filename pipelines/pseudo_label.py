@@ -70,7 +70,7 @@ def _row(kind: str, shard: str, **values: Any) -> dict[str, Any]:
     row = {"kind": kind, "shard": shard, "key": "", "caption": "", "phrases": "[]", "url": "",
            "source_index": -1, "image": b"", "ext": "", "pixels": b"", "ph": 0, "pw": 0,
            "width": 0, "height": 0, "reason": "", "detail": "", "expected": 0, "counts": "",
-           "sample": "", "boxes": 0, "dropped": ""}
+           "sample": "", "boxes": 0, "dropped": "", "ready_at": 0.0}
     row.update(values)
     return row
 
@@ -247,9 +247,11 @@ class TeacherWorker:
         self.teacher = GLIPTeacher.load(teacher_path, ident, device=device)
         self.config = FilterConfig(**config)
         self.extra = extra
+        self.ready_at = time.time()     # wall clock: lets the driver separate model loading from labeling
 
     def __call__(self, batch):
-        return _rows_to_table(label_rows(_table_to_rows(batch), self.teacher, self.config, self.extra))
+        rows = label_rows(_table_to_rows(batch), self.teacher, self.config, self.extra)
+        return _rows_to_table([dict(r, ready_at=self.ready_at) for r in rows])
 
 
 # ------------------------------------------------------------------------------------------ driver side
@@ -290,6 +292,7 @@ class ShardSink:
         self.max_samples = max_samples
         self.shards = {n: ShardProgress(n) for n in names}
         self.on_update = on_update or (lambda images, boxes: None)
+        self.first_ready_at: float | None = None   # wall time the first teacher finished loading
 
     def add(self, row: dict[str, Any]) -> None:
         sp = self.shards.get(row["shard"])
@@ -297,6 +300,8 @@ class ShardSink:
             log.warning("ignoring a late result for finished shard %s (key %s)", row["shard"], row["key"])
             return
         kind = row["kind"]
+        if row.get("ready_at"):
+            self.first_ready_at = min(self.first_ready_at or row["ready_at"], row["ready_at"])
         if kind != "end" and row["key"] in sp.seen:
             log.warning("ignoring a repeated result for shard %s key %s", sp.name, row["key"])
             return
@@ -371,6 +376,12 @@ class ShardSink:
                 sp.writer = None
 
 
+def block_bytes(resize: TeacherResize, batch_size: int) -> int:
+    """Bytes of ~``batch_size`` decoded rows: resized pixels (<= min x max x 3) + ~100 KB of JPEG."""
+    row = resize.min_size * resize.max_size * 3 + 100_000
+    return max(256 * 1024, batch_size * row)
+
+
 def build_dataset(specs: list[dict[str, Any]], *, resize: TeacherResize, teacher_path: str,
                   identity: TeacherIdentity, config: FilterConfig, extra: dict[str, Any],
                   workers: int, batch_size: int, gpus_per_worker: float, actor_cpus: float = 1.0,
@@ -387,6 +398,9 @@ def build_dataset(specs: list[dict[str, Any]], *, resize: TeacherResize, teacher
     ctx.enable_progress_bars = False          # the command draws its own (images/s, boxes/s)
     ctx.print_on_execution_start = False
     ctx.enable_auto_log_stats = False
+    # Blocks of about one teacher batch, so results stream back (and shards finish) while the
+    # rest is labeled; Ray's 128 MiB default would make each input shard one block.
+    ctx.target_max_block_size = block_bytes(resize, batch_size)
     ds = ds.map_batches(read_shard_batches, batch_size=1, num_cpus=0.25, batch_format="pyarrow")
     ds = ds.map_batches(decode_batch, fn_kwargs={"min_size": resize.min_size, "max_size": resize.max_size},
                         batch_size=batch_size, num_cpus=0.25, batch_format="pyarrow")
@@ -471,6 +485,7 @@ class PseudoLabelResult:
     images: int = 0
     boxes: int = 0
     seconds: float = 0.0
+    teacher_ready_seconds: float | None = None   # from the start until the first teacher had loaded
 
     def totals(self) -> dict[str, Any]:
         """Summed over every shard in the manifest (this run and earlier ones)."""
@@ -591,6 +606,7 @@ def run_pseudo_label(shards: list[CrawledShard], out_dir: str | Path, options: P
                         "key_field": s.key_field, "url_field": s.url_field},
               "phrase_file": str(phrase_file_for(phrases_dir, s))} for s in pending]
     started = time.perf_counter()
+    started_wall = time.time()
     names = [s.name for s in pending]
 
     def update(images: int, boxes: int) -> None:
@@ -614,6 +630,9 @@ def run_pseudo_label(shards: list[CrawledShard], out_dir: str | Path, options: P
         except Exception as exc:   # the pipeline itself broke (e.g. the teacher cannot load)
             sink.fail_unfinished(f"pipeline error: {format_exception(exc)}"[:2000])
             return []
+        finally:
+            if sink.first_ready_at is not None and result.teacher_ready_seconds is None:
+                result.teacher_ready_seconds = max(0.0, sink.first_ready_at - started_wall)
 
     lost = execute(specs)
     # Batches mix rows of neighbouring shards, so one poisoned batch fails them all. Give
