@@ -50,6 +50,7 @@ SKIP_NO_PHRASE_ROW = "no_phrase_row"                   # image whose key is abse
 SKIP_PHRASE_WITHOUT_IMAGE = "phrase_row_without_image"  # phrase row whose key has no image
 SKIP_NO_PHRASES = "no_phrases"                         # caption in which parsing found no phrase
 SKIP_DUPLICATE_KEY = "duplicate_key"
+SKIP_BAD_SPAN = "phrase_span_invalid"                  # a phrase (not the image) dropped: span outside caption
 SKIP_UNSUPPORTED_FORMAT = "unsupported_image_format"   # decodable, but not jpg/png/webp
 SKIP_TEACHER_ERROR = "teacher_error"
 
@@ -106,6 +107,7 @@ def read_shard(spec: dict[str, Any], chunk: int = READ_CHUNK) -> Iterator[list[d
     error = ""
     try:
         from storage.phrase_files import iter_phrase_rows
+        from storage.records import span_is_valid
 
         phrase_rows = {}
         for prow in iter_phrase_rows(spec["phrase_file"]):
@@ -122,12 +124,18 @@ def read_shard(spec: dict[str, Any], chunk: int = READ_CHUNK) -> Iterator[list[d
             if prow is None:
                 counts.skip(SKIP_NO_PHRASE_ROW, where, f"not in {spec['phrase_file']}")
                 continue
-            phrases = [{"text": p["text"], "start": int(p["start"]), "end": int(p["end"]),
-                        "root": p.get("root")} for p in (prow.get("phrases") or [])]
+            caption = prow["caption"] or ""
+            phrases = []
+            for p in prow.get("phrases") or []:
+                start, end = int(p["start"]), int(p["end"])
+                if not span_is_valid(start, end, caption):   # never hand the teacher a bad span
+                    counts.skip(SKIP_BAD_SPAN, where, f"[{start}, {end}) in a {len(caption)}-char caption")
+                    continue
+                phrases.append({"text": caption[start:end], "start": start, "end": end, "root": p.get("root")})
             if not phrases:
                 counts.skip(SKIP_NO_PHRASES, where)
                 continue
-            pending.append(_row("sample", shard.name, key=key, caption=prow["caption"],
+            pending.append(_row("sample", shard.name, key=key, caption=caption,
                                 phrases=json.dumps(phrases), url=rec.get("url") or "",
                                 source_index=int(rec["source_index"]), image=rec["image"]))
             emitted += 1
@@ -222,7 +230,8 @@ def label_rows(rows: list[dict[str, Any]], teacher, config: FilterConfig,
             out[i] = dict(row, kind="skip", pixels=b"", image=b"", reason=SKIP_TEACHER_ERROR,
                           detail=f"{type(result).__name__}: {result}"[:200])
             continue
-        sample_extra = dict(extra, source_shard=row["shard"], source_index=row["source_index"])
+        sample_extra = {k: v for k, v in extra.items() if k != "teacher_source"}
+        sample_extra.update(source_shard=row["shard"], source_index=row["source_index"])
         if row["url"]:
             sample_extra["url"] = row["url"]
         sample, dropped = pseudo_sample(row["key"], row["caption"], row["width"], row["height"],

@@ -118,6 +118,14 @@ def build_inputs(root: Path, n_shards: int = 2, good_per_shard: int = 4, bad: bo
             rows.append({"key": f"{shard}noimage", "caption": GOOD_CAPTIONS[1],
                          "phrases": _phrases(GOOD_CAPTIONS[1], GOOD_PHRASES[1])})
             expected_skips["phrase_row_without_image"] += 1
+            # a phrase file row with one span past the end of its caption: that phrase is dropped
+            key = f"{shard}badspan"
+            members.append((key, _encode(_scene(13), "JPEG"), GOOD_CAPTIONS[2]))
+            rows.append({"key": key, "caption": GOOD_CAPTIONS[2],
+                         "phrases": _phrases(GOOD_CAPTIONS[2], GOOD_PHRASES[2][:1])
+                         + [{"text": "ghost", "start": 30, "end": 99}]})
+            expected_skips["phrase_span_invalid"] += 1
+            good_keys.append(key)
         with tarfile.open(crawled / f"{shard}.tar", "w") as tar:
             for key, data, caption in members:
                 for name, payload in ((f"{key}.jpg", data), (f"{key}.txt", caption.encode()),
@@ -144,6 +152,10 @@ def inputs(tmp_path_factory) -> dict:
 
 
 # ----------------------------------------------------------------------------- pure stages (no Ray)
+def by_key_of(rows: list[dict]) -> dict[str, dict]:
+    return {r["key"]: r for r in rows}
+
+
 def test_read_shard_joins_by_key_and_counts_orphans(inputs):
     from pipelines.pseudo_label import read_shard
 
@@ -156,9 +168,11 @@ def test_read_shard_joins_by_key_and_counts_orphans(inputs):
     assert end["kind"] == "end" and end["detail"] == "" and end["expected"] == len(samples)
     assert all(len(c) <= 4 for c in chunks)     # streamed in small chunks (+ the end row)
     counts = json.loads(end["counts"])
-    assert counts["skipped"] == {"no_phrase_row": 1, "no_phrases": 1, "phrase_row_without_image": 1}
+    assert counts["skipped"] == {"no_phrase_row": 1, "no_phrases": 1, "phrase_row_without_image": 1,
+                                 "phrase_span_invalid": 1}
     assert counts["read"] == len(samples) + 2
-    by_key = {r["key"]: r for r in samples}
+    assert [p["text"] for p in json.loads(by_key_of(samples)["00000badspan"]["phrases"])] == ["the purple block"]
+    by_key = by_key_of(samples)
     assert json.loads(by_key["000000000"]["phrases"])[0]["text"] == "a red square"
     assert by_key["000000000"]["image"] == inputs["originals"]["000000000"]
 
@@ -182,7 +196,8 @@ def test_decode_rows_turns_bad_images_into_counted_skips(inputs):
     out = decode_rows(rows, TeacherResize(IMAGE_SIZE, 2 * IMAGE_SIZE))
     skips = Counter(r["reason"] for r in out if r["kind"] == "skip")
     assert skips == Counter({k: v for k, v in inputs["skips"].items()
-                             if k not in ("no_phrase_row", "no_phrases", "phrase_row_without_image")})
+                             if k not in ("no_phrase_row", "no_phrases", "phrase_row_without_image",
+                                          "phrase_span_invalid")})
     for r in out:
         if r["kind"] == "sample":
             assert min(r["ph"], r["pw"]) == IMAGE_SIZE and len(r["pixels"]) == r["ph"] * r["pw"] * 3
@@ -257,7 +272,7 @@ def test_cli_labels_every_good_image_and_counts_every_bad_one(inputs, labeled):
         assert (d["width"], d["height"]) == Image.open(io.BytesIO(image)).size
         assert d["source"] == f"pseudo/{sha[:12]}"
         assert d["extra"]["teacher_sha256"] == sha and d["extra"]["threshold"] == THRESHOLD
-        assert len(d["phrases"]) == 2                                 # grounded or not, all kept
+        assert len(d["phrases"]) == (1 if key.endswith("badspan") else 2)   # grounded or not, all kept
         for b in d["boxes"]:
             x, y, w, h = b["bbox"]
             assert 0 <= x and 0 <= y and w >= 2 and h >= 2
