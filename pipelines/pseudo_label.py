@@ -3,22 +3,42 @@
 Dataflow (streaming; every arrow is a Ray Data operator)::
 
     one row per pending input shard
-      -> read_shard        (task, 0.25 CPU)  crawled records joined with the shard's phrase file by key
-      -> decode_and_resize (task, 0.25 CPU)  labeling.images.decode_image + TeacherResize
-      -> TeacherWorker     (actor pool (1, N), GPU when there is one)  batched grounding + filters
-      -> driver            ShardSink: one ShardWriter per input shard, manifest per finished shard
+      -> read_shard     (task, 0.25 CPU)  crawled records joined with the shard's phrase file by key
+      -> decode_batch   (task, 0.25 CPU)  labeling.images.decode_image + TeacherResize (uint8)
+      -> TeacherWorker  (autoscaling actor pool (1, N); num_gpus when the cluster has GPUs)
+                        batched grounding + labeling.filters
+      -> driver         ShardSink: one ShardWriter per input shard, manifest entry per finished shard
 
 Rows are plain columns (strings, ints, bytes) so no Arrow tensor extension is involved:
-``kind`` is "sample" (an image to label), "skip" (decode said no) or "end" (one per
-shard, after its last row: how many rows the read emitted and its read counts). The
-driver closes a shard when its "end" row has arrived together with that many rows, so
-shards finish (and are marked done in ``_manifest.json``) while others still stream.
+``kind`` is "sample" (an image to label), "skip" (decode or the teacher said no) or "end"
+(one per shard, after its last row: how many rows the read emitted and its read counts).
+The driver closes a shard when its "end" row has arrived together with that many rows, so
+shards finish (and are marked done in ``_manifest.json``) while others still stream. Blocks
+hold about one teacher batch (``block_bytes``), so decoding overlaps inference and results
+come back as they are made.
 
-Failures: a read that raises emits its "end" row with the error, the shard is recorded
-as failed and the others go on. A worker that dies is restarted by Ray and its batch
-retried (``max_restarts``/``max_task_retries``); a batch that keeps failing is dropped
-(``max_errored_blocks``) and its shard, short of rows at the end, is recorded as failed.
-A re-run retries exactly the shards not marked done.
+Bad input (DESIGN.md: counted skips, never a crash), by reason in the manifest:
+``corrupt_image``, ``truncated_image``, ``image_too_small`` (1x1 etc.), ``decompression_bomb``,
+``empty_image``, ``unsupported_image_format`` (decodable but not jpg/png/webp, which the shard
+readers expect), ``no_phrase_row`` (an image whose key the phrase file lacks),
+``phrase_row_without_image`` (the reverse), ``no_phrases`` (a caption in which parsing found
+nothing to ground), ``duplicate_key``, ``phrase_span_invalid`` (one phrase dropped, the image
+kept), ``teacher_error`` (the teacher raised on this image alone), plus the crawled readers'
+own reasons (``truncated_tar``, ``missing_caption``, ...). PNG with alpha (composited over
+white), grayscale, palette and CMYK images are labeled; their stored bytes stay as they were.
+An image where no phrase passes the threshold is written with its phrases ungrounded and
+counted as ``without_boxes`` (a negative example for the student).
+
+Failures: a read that raises emits its "end" row with the error; the shard is recorded as
+failed and the others go on. A worker that dies is restarted by Ray and its batch retried
+(``max_restarts=-1``, ``max_task_retries=3``); a batch that keeps failing is dropped
+(``max_errored_blocks=-1``) and the shards short of rows at the end are retried once, each
+alone (batches mix neighbouring shards); one that fails again is recorded with its error.
+A re-run retries exactly the shards not marked done, after deleting their partial tars.
+
+Reading the output with Ray Data: ``ray.data.read_webdataset(paths, decoder=None)`` gives the
+original bytes; Ray's default decoder cannot put grayscale (2-D) and colour (3-D) arrays in
+one block.
 """
 from __future__ import annotations
 
@@ -42,7 +62,7 @@ from storage.skips import StageCounts
 log = logging.getLogger("glipctl")
 
 STAGE = "pseudo-label"
-READ_CHUNK = 32                  # rows per block leaving a read task: small, so decode starts early
+READ_CHUNK = 32                  # rows per yield of a read task (Ray re-blocks them by block_bytes)
 SUPPORTED_EXTENSIONS = ("jpg", "png", "webp")   # what storage.shards readers accept as images
 
 # Read-side skip reasons (decode-side ones are labeling.images.SKIP_*).
