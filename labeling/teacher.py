@@ -4,7 +4,7 @@
 wraps ``glip.GLIP.ground``. The work is split so that a pipeline can overlap CPU and
 accelerator work:
 
-- ``TeacherResize`` (picklable, no model, no torch): decoded RGB PIL image -> resized
+- ``TeacherResize`` (picklable, no model loaded): decoded RGB PIL image -> resized
   ``uint8`` array ``[h, w, 3]``, the resize of ``GLIP.prepare_image`` (shorter side to
   ``min_size``, longer side at most ``max_size``). Runs in cheap CPU tasks.
 - ``Teacher.ground`` (where the model lives): those arrays plus the original sizes,
