@@ -5,6 +5,11 @@ starts, with exit 2 from the CLI), then runs one ``TorchTrainer`` fit: ``options
 workers, DDP over gloo (CPU) or NCCL (GPU). Rank 0 writes checkpoints and ``metrics.jsonl``
 straight into ``--out`` (see ``checkpointing`` for why not Ray Train's own checkpoints);
 the driver follows ``metrics.jsonl`` for the progress bar and writes ``_manifest.json``.
+
+On a cluster ``--out`` and the input files must be on storage every node sees (as Ray
+Train itself requires for multi-node runs; its own run state goes to ``OUT/_ray``). Gold and
+detection records travel to the workers inside the train config (one pickle through Ray's
+object store; every worker holds its copy, about 1-2 KB per record).
 """
 from __future__ import annotations
 
