@@ -132,6 +132,29 @@ class _Progress:
                     break
 
 
+def _check_resources(options: TrainOptions) -> None:
+    """Refuse a worker group the Ray cluster cannot hold (Ray Train would wait for it forever).
+
+    Only a cluster without an address (a local Ray) is held to its current size; a joined
+    cluster may autoscale, so there it is a warning.
+    """
+    import os
+
+    import ray
+
+    total = ray.cluster_resources()
+    wanted = {"CPU": options.workers * options.cpus_per_worker, "GPU": options.workers * options.gpus_per_worker}
+    for kind, need in wanted.items():
+        have = float(total.get(kind, 0.0))
+        if need > have + 1e-9:
+            message = (f"--workers {options.workers} x {kind.lower()}s per worker needs {need:g} {kind} "
+                       f"but this Ray cluster has {have:g}")
+            if options.address or os.environ.get("RAY_ADDRESS"):
+                log.warning("%s: waiting for the cluster to grow", message)
+            else:
+                raise InputError(message)
+
+
 def _unwrap_worker_error(exc: BaseException) -> BaseException | None:
     """The user-facing error inside a Ray Train failure (InputError, TrainingDiverged), if any."""
     from pipelines.training.loop import TrainingDiverged
@@ -175,6 +198,8 @@ def train(options: TrainOptions, progress: bool = True) -> TrainResult:
     eval_counts = StageCounts()
     heldout = [HeldOutSet.load(spec, eval_counts) for spec in options.eval]
     start_step = int(load_train_state(resume_from)["step"]) if resume_from else 0
+    ensure_ray(options.address)
+    _check_resources(options)
     if options.overwrite:   # only now: bad input must not cost the previous run
         _clear_previous_run(out)
     _write_manifest(out, options, resume_from, "running", _driver_counts(sources.counts, {}), start_step)
@@ -185,7 +210,6 @@ def train(options: TrainOptions, progress: bool = True) -> TrainResult:
         resources["GPU"] = options.gpus_per_worker
     config = {"options": options, "sources": sources, "out": str(out),
               "resume_from": str(resume_from) if resume_from else None, "heldout": heldout}
-    ensure_ray(options.address)
     trainer = TorchTrainer(
         ray_train_worker, train_loop_config=config,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),

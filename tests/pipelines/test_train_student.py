@@ -130,6 +130,13 @@ def test_bad_input_is_exit_2_before_training(cli, world, tmp_path):
     assert nothing.exit_code == 2 and "nothing to train on" in _said(nothing)
 
 
+def test_more_workers_than_the_local_cluster_holds_is_exit_2(cli, ray_session, world, tmp_path):
+    too_many = cli("train-student", "--gold", world.gold_arg, "--out", str(tmp_path / "x"), "--workers", "3")
+    assert too_many.exit_code == 2 and "needs 3 CPU" in _said(too_many)
+    no_gpu = cli("train-student", "--gold", world.gold_arg, "--out", str(tmp_path / "y"), "--gpus-per-worker", "1")
+    assert no_gpu.exit_code == 2 and "needs 1 GPU" in _said(no_gpu)
+
+
 def test_overwrite_never_costs_the_previous_run_on_bad_input(cli, world, tmp_path):
     from pipelines.training.checkpointing import save_checkpoint
 
