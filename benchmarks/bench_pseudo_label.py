@@ -112,7 +112,7 @@ def _pipeline(shards, phrases_dir: Path, teacher_path: Path, out: Path, workers:
 def run(quick: bool) -> str:
     import ray
 
-    n_images, shard_size = (48, 12) if quick else (160, 20)
+    n_images, shard_size = (48, 12) if quick else (320, 20)
     root = Path(tempfile.mkdtemp(prefix="bench_pseudo_"))
     started_ray = False
     try:
