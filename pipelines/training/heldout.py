@@ -4,11 +4,13 @@
 prompt of all category names; metrics: COCO AP through ``labeling.evaluation``) or an MDETR
 grounding file (the captions; metrics: phrase Recall@k). The held-out loss uses the first
 ``eval_samples`` images, resized only (no flip, no jitter), so it is comparable across steps.
+The AP / Recall@k runs over the whole file every time: keep ``--eval`` sets small.
 """
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -85,11 +87,13 @@ class HeldOutEvaluator:
 
         row: dict[str, float] = {}
         for held in self.sets:
+            # one set: eval_AP; several: eval_<file stem>_AP
+            prefix = "eval_" if len(self.sets) == 1 else f"eval_{Path(held.spec.annotations).stem}_"
             if held.detection:
                 result = evaluate_coco(model, held.spec.annotations, held.spec.image_root, batch_size=self.batch_size)
-                row.update({f"eval_{k}": float(result[k]) for k in ("AP", "AP50")})
+                row.update({f"{prefix}{k}": float(result[k]) for k in ("AP", "AP50")})
             else:
                 result = evaluate_grounding(model, held.spec.annotations, held.spec.image_root,
                                             batch_size=self.batch_size)
-                row.update({f"eval_{k}": float(v) for k, v in result.items() if k.startswith("R@")})
+                row.update({f"{prefix}{k}": float(v) for k, v in result.items() if k.startswith("R@")})
         return {k: float(np.round(v, 6)) for k, v in row.items()}
