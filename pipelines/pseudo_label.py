@@ -377,6 +377,7 @@ class ShardSink:
         self.manifest.mark(sp.name, "done", counts=sp.summary(), outputs=outputs)
         self.manifest.save(self.out_dir)
         del self.shards[sp.name]
+        self.on_update(0, 0)         # the progress bar's shard count moves
 
     def _fail(self, sp: ShardProgress, error: str) -> None:
         if sp.writer is not None:
@@ -387,6 +388,7 @@ class ShardSink:
         self.manifest.mark(sp.name, "failed", counts=sp.summary(), error=error)
         self.manifest.save(self.out_dir)
         self.shards.pop(sp.name, None)
+        self.on_update(0, 0)
 
     def fail_unfinished(self, error: str) -> list[str]:
         """Record every shard still open (its rows were lost) as failed; returns their names."""
