@@ -52,3 +52,18 @@ def test_resume_continues_the_loss_curve_and_nan_keeps_the_last_good_checkpoint(
     assert "loss" in message and "step 3" in message and str(good) in message
     assert [s for s, _ in list_checkpoints(tmp_path / "resumed")] == [1, 2]       # nothing after the NaN
     assert [r["step"] for r in read_metrics(tmp_path / "resumed" / "metrics.jsonl")] == [1, 2]
+
+
+def test_held_out_evaluation_of_a_grounding_file(tmp_path):
+    from glip import GLIP
+    from pipelines.training.heldout import HeldOutEvaluator, HeldOutSet
+    from storage.skips import StageCounts
+
+    world = make_world(tmp_path / "world", gold_images=2)
+    held = HeldOutSet.load(AnnotatedImages(str(world.eval_grounding_json), str(world.eval_images)), StageCounts())
+    assert not held.detection and len(held.sources.gold) == 8
+    model = GLIP.from_preset("tiny", min_size=48, max_size=64).train()
+    row = HeldOutEvaluator([held], 48, 64, model.config.max_query_len, samples=4, batch_size=4)(model)
+    assert {"eval_loss", "eval_loss_cls", "eval_R@1", "eval_R@5"} <= set(row)
+    assert row["eval_loss"] > 0 and 0.0 <= row["eval_R@1"] <= row["eval_R@5"] <= 1.0
+    assert model.training                    # evaluation leaves the model as it found it
