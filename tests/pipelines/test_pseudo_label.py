@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import struct
+import sys
 import tarfile
 import zlib
 from collections import Counter
@@ -340,8 +341,28 @@ def test_bad_teacher_and_missing_phrases_are_exit_2(inputs, tmp_path, cli):
     assert r.exit_code == 2
 
 
+def _crash_once_worker(marker: Path):
+    """A TeacherWorker whose process dies (os._exit) on its first batch: Ray must restart and retry."""
+    import os
+
+    import ray.cloudpickle
+
+    from pipelines.pseudo_label import TeacherWorker
+
+    class CrashOnceWorker(TeacherWorker):
+        def __call__(self, batch):
+            if not marker.exists():
+                marker.touch()
+                os._exit(1)
+            return super().__call__(batch)
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])   # workers cannot import tests
+    return CrashOnceWorker
+
+
 def test_interrupted_run_resumes_to_the_same_samples(inputs, teacher_dir, labeled, tmp_path, ray_session):
-    """Ctrl-C after the first shard finished, then the same command again: same samples as one run."""
+    """Ctrl-C after the first shard finished, then the same command again (whose teacher worker
+    dies on its first batch and is restarted by Ray): the same samples as one run."""
     from pipelines.pseudo_label import PseudoLabelOptions, run_pseudo_label
     from storage.crawled import discover_crawled_shards
 
@@ -361,7 +382,9 @@ def test_interrupted_run_resumes_to_the_same_samples(inputs, teacher_dir, labele
     manifest = json.loads((out / "_manifest.json").read_text())
     assert sum(e["status"] == "done" for e in manifest["shards"].values()) == 1
     assert not list(out.glob(".*.tmp"))                       # no unfinished file left behind
-    result = run_pseudo_label(shards, out, options)
+    marker = tmp_path / "crashed"
+    result = run_pseudo_label(shards, out, options, worker_cls=_crash_once_worker(marker))
+    assert marker.exists()                                    # the worker did die once
     assert len(result.resumed) == 1 and len(result.done) == 1 and not result.failed
     resumed = _samples_by_key(out)
     assert sorted(resumed) == sorted(reference)
