@@ -8,6 +8,11 @@
 
 Every piece has ``state_dict``/``load_state_dict`` holding plain Python values, so a resumed
 run draws exactly what the interrupted one would have drawn next.
+
+The shards are WebDataset tars; they are read through ``storage.shards.iter_shard_samples``
+rather than the ``webdataset`` package so that there is one reader of the format, with the
+same counted skips (truncated tars, bad members) everywhere. The split by worker and the
+shuffle buffer are the webdataset ideas (``split_by_node``, ``shuffle``), made resumable.
 """
 from __future__ import annotations
 
