@@ -25,8 +25,9 @@ from storage.records import Box, GroundedSample, Phrase, validate_sample
 
 # Defaults, and where they come from:
 # - 0.5: the confidence threshold the official GLIP demo passes to
-#   ``GLIPDemo.run_on_web_image(image, caption, 0.5)`` (microsoft/GLIP README / demo notebook);
-#   the paper does not print the value it used for its 24M web pseudo-labels.
+#   ``GLIPDemo.run_on_web_image(image, caption, 0.5)`` (microsoft/GLIP demo notebook; that call
+#   overrides the ``confidence_threshold=0.7`` the notebook builds GLIPDemo with); the paper does
+#   not print the value it used for its 24M web pseudo-labels.
 # - 0.6: the official ATSS/GLIP configs' ``MODEL.ATSS.NMS_TH``.
 # - 10 boxes per phrase and 2 px: our choices (a caption phrase rarely names more than a few
 #   instances; a box under 2 px cannot be learned from a stride-8 feature map).

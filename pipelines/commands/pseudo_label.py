@@ -21,8 +21,8 @@ def main(
                                      "({key}.jpg + {key}.json) and _manifest.json.")],
     threshold: Annotated[float, typer.Option(
         min=0.0, max=1.0, help="Keep boxes scoring at least this. Default 0.5: the value the official "
-        "GLIP demo passes to run_on_web_image (microsoft/GLIP demo); the paper does not print the one "
-        "used for its web pseudo-labels.")] = DEFAULT_THRESHOLD,
+        "GLIP demo notebook passes to GLIPDemo.run_on_web_image (microsoft/GLIP; its GLIPDemo default is "
+        "0.7); the paper does not print the one used for its web pseudo-labels.")] = DEFAULT_THRESHOLD,
     nms: Annotated[float, typer.Option(
         min=0.01, max=1.0, help="IoU above which a phrase's lower-scoring box is suppressed "
         "(per phrase; 0.6 is the official MODEL.ATSS.NMS_TH).")] = DEFAULT_NMS_IOU,
