@@ -416,8 +416,11 @@ def block_bytes(resize: TeacherResize, batch_size: int) -> int:
 def build_dataset(specs: list[dict[str, Any]], *, resize: TeacherResize, teacher_path: str,
                   identity: TeacherIdentity, config: FilterConfig, extra: dict[str, Any],
                   workers: int, batch_size: int, gpus_per_worker: float, actor_cpus: float = 1.0,
-                  worker_cls: type = None):
-    """The lazy Ray Dataset of labeled rows for ``specs`` (one per pending input shard)."""
+                  worker_cls: type | None = None):
+    """The lazy Ray Dataset of labeled rows for ``specs`` (one per pending input shard).
+
+    ``worker_cls``: ``TeacherWorker`` or a subclass (fault injection in tests).
+    """
     import ray
 
     ds = ray.data.from_items([{"spec": json.dumps(s)} for s in specs],
@@ -444,8 +447,10 @@ def build_dataset(specs: list[dict[str, Any]], *, resize: TeacherResize, teacher
     return ds
 
 
-def _teacher_stage(ds, worker_cls, teacher_path, identity, config, extra, workers, batch_size,
-                   gpus_per_worker, actor_cpus):
+def _teacher_stage(ds, worker_cls: type, teacher_path: str, identity: TeacherIdentity, config: FilterConfig,
+                   extra: dict[str, Any], workers: int, batch_size: int, gpus_per_worker: float,
+                   actor_cpus: float):
+    """Append the teacher actor pool (autoscaling between 1 and ``workers`` actors) to ``ds``."""
     import ray
 
     use_gpu = gpus_per_worker > 0
