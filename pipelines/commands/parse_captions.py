@@ -42,7 +42,10 @@ def main(
     Exit 1 when a shard failed (error in the manifest, the others written); exit 2 on bad input.
     """
     from pipelines.common import console, ensure_ray, setup_logging
-    from pipelines.parse_captions import ParseOptions, run_parse_captions, spacy_identity
+    from pathlib import Path
+
+    from pipelines.parse_captions import (ParseOptions, open_manifest, run_parse_captions,
+                                          spacy_identity)
     from storage.crawled import discover_crawled_shards
 
     setup_logging(verbose)
@@ -50,10 +53,11 @@ def main(
         import ray.data  # noqa: F401  (importing it configures its loggers; override after)
         logging.getLogger("ray.data").setLevel(logging.ERROR)
     shards = discover_crawled_shards(inputs, caption_field=caption_field)
-    spacy_identity(spacy_model)     # an unknown model is exit 2 before Ray starts
     options = ParseOptions(spacy_model=spacy_model, caption_field=caption_field,
                            expressions=expressions, max_caption_chars=max_caption_chars,
                            workers=workers, batch_size=batch_size, overwrite=overwrite)
+    # an unknown model or an --out that cannot be resumed is exit 2 before Ray starts
+    open_manifest(Path(out), options, spacy_identity(spacy_model))
     ensure_ray(address)
     with _progress(console) as update:
         result = run_parse_captions(shards, out, options, on_progress=update, inputs=inputs)
