@@ -574,6 +574,22 @@ def open_manifest(out_dir: Path, options: PseudoLabelOptions, identity: TeacherI
     return Manifest(stage=STAGE, options=recorded, model=identity.to_dict())
 
 
+def check_options(options: PseudoLabelOptions) -> None:
+    """Cheap checks of the user's paths (no hashing, no Ray): ``InputError`` naming the bad one."""
+    from labeling.teacher import teacher_resize
+    from storage.errors import InputError
+
+    teacher = Path(options.teacher)
+    if not teacher.exists():
+        raise InputError(f"{teacher}: teacher checkpoint not found")
+    if teacher.is_dir() and not (teacher / "config.json").is_file():
+        raise InputError(f"{teacher}: not a glipctl checkpoint (no config.json); "
+                         f"pass a checkpoint directory or an official GLIP .pth")
+    teacher_resize(teacher, options.image_size)            # an unreadable config.json is exit 2
+    if not Path(options.phrases).is_dir():
+        raise InputError(f"{options.phrases}: phrases folder not found (the --out of parse-captions)")
+
+
 def _actor_cpus(workers: int, cluster_cpus: float, use_gpu: bool) -> float:
     """CPUs per teacher actor: one (half beside a GPU) unless that leaves reads no room.
 

@@ -53,7 +53,7 @@ def main(
 ) -> None:
     """Ground the parsed phrases of crawled captions with a GLIP teacher on Ray; write WebDataset pseudo-label shards."""
     from pipelines.common import console, ensure_ray, setup_logging
-    from pipelines.pseudo_label import PseudoLabelOptions, run_pseudo_label
+    from pipelines.pseudo_label import PseudoLabelOptions, check_options, run_pseudo_label
     from storage.crawled import discover_crawled_shards
 
     setup_logging(verbose)
@@ -63,6 +63,7 @@ def main(
                                  image_size=image_size, workers=workers, batch_size=batch_size,
                                  gpus_per_worker=gpus_per_worker, max_samples_per_tar=max_samples_per_tar,
                                  caption_field=caption_field, overwrite=overwrite)
+    check_options(options)          # bad paths are exit 2 before Ray starts
     ensure_ray(address)
     with _progress(console) as update:
         result = run_pseudo_label(shards, out, options, on_progress=update)
