@@ -470,3 +470,28 @@ def test_a_shard_without_phrase_file_is_recorded_failed(inputs, labeled, tmp_pat
     assert result.resumed == ["00000"] and result.failed == ["00001"]
     entry = json.loads((out / "_manifest.json").read_text())["shards"]["00001"]
     assert entry["status"] == "failed" and "parse-captions" in entry["error"]
+
+
+def test_read_shard_takes_images_from_img2dataset_parquet_mode(tmp_path):
+    """img2dataset's parquet output mode: image bytes in a ``jpg`` column, failed downloads skipped."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipelines.pseudo_label import read_shard
+    from storage.crawled import discover_crawled_shards
+
+    jpg = _encode(_scene(1), "JPEG")
+    pq.write_table(pa.table({"key": ["a", "b"], "caption": [GOOD_CAPTIONS[0], GOOD_CAPTIONS[1]],
+                             "url": ["http://x/a", "http://x/b"], "status": ["success", "failed_to_download"],
+                             "jpg": [jpg, None]}), tmp_path / "00007.parquet")
+    write_phrase_file(tmp_path / "phrases.parquet",
+                      [{"key": k, "caption": c, "phrases": _phrases(c, p)}
+                       for k, c, p in (("a", GOOD_CAPTIONS[0], GOOD_PHRASES[0]), ("b", GOOD_CAPTIONS[1], GOOD_PHRASES[1]))])
+    (shard,) = discover_crawled_shards([str(tmp_path / "00007.parquet")])
+    spec = {"shard": {"name": shard.name, "path": shard.path, "kind": shard.kind},
+            "phrase_file": str(tmp_path / "phrases.parquet")}
+    rows = [r for c in read_shard(spec) for r in c]
+    assert [r["key"] for r in rows if r["kind"] == "sample"] == ["a"]
+    assert rows[0]["image"] == jpg and rows[0]["url"] == "http://x/a"
+    skipped = json.loads(rows[-1]["counts"])["skipped"]
+    assert skipped.get("phrase_row_without_image") == 1 and sum(skipped.values()) == 2   # + the failed download
