@@ -32,7 +32,8 @@ def main(
         min=0.0, help="Drop boxes whose width or height (after clipping to the image) is under this "
         "many pixels.")] = DEFAULT_MIN_BOX_SIZE,
     workers: Annotated[int, typer.Option(
-        min=1, help="Most teacher actors at once (the pool scales between 1 and this).")] = 1,
+        min=1, help="Most teacher actors at once (the pool scales between 1 and this). Without a GPU each "
+        "actor takes one CPU core (one torch thread): on a CPU-only machine use about one per core.")] = 1,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per teacher call.")] = 8,
     gpus_per_worker: Annotated[Optional[float], typer.Option(
         min=0.0, help="GPUs per teacher actor (fractions share a GPU); default 1 when the Ray "
