@@ -92,12 +92,29 @@ def plain_loop(options, device: str = "cpu", amp: bool = False) -> dict:
 
 
 def _plain_in_subprocess(options) -> dict:
-    """The plain loop in a fresh process, so its peak RSS is its own."""
-    import multiprocessing as mp
+    """The plain loop in a fresh process, so its peak RSS is its own.
 
-    ctx = mp.get_context("spawn")
-    with ctx.Pool(1) as pool:
-        return pool.apply(plain_loop, (options,))
+    Like a Ray worker it gets ``OMP_NUM_THREADS=1`` (one CPU) and a session of its own (the
+    kernel's autogroup scheduling shares the CPU between sessions, and Ray's processes run in
+    theirs), so both sides are scheduled alike.
+    """
+    import json
+    import os
+    import pickle
+    import subprocess
+    import sys
+
+    with tempfile.NamedTemporaryFile(suffix=".pkl", delete=False) as fh:
+        pickle.dump(options, fh)
+    code = ("import json, pickle, sys; from benchmarks.bench_train_student import plain_loop; "
+            f"print(json.dumps(plain_loop(pickle.load(open({fh.name!r}, 'rb')))))")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    try:
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                              cwd=str(Path(__file__).resolve().parents[1]), start_new_session=True, check=True)
+    finally:
+        os.unlink(fh.name)
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def _steady_rate(result, options) -> float:
@@ -116,11 +133,12 @@ def run(quick: bool) -> str:
     from pipelines.training import train
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    steps, size, batch = (6, (96, 128), 2) if quick else (12, (128, 192), 2)
+    steps, size, batch = (10, (96, 128), 2) if quick else (30, (128, 192), 2)
     root = Path(tempfile.mkdtemp(prefix="bench-train-"))
     try:
         world = _data(root, quick)
-        plain = _plain_in_subprocess(_options(world, root, "plain", steps, 1, size, batch))
+        plain_options = _options(world, root, "plain", steps, 1, size, batch)
+        plains = [_plain_in_subprocess(plain_options)]
         ensure_ray(None)
         runs = {}
         for workers in (1, 2):
@@ -129,6 +147,11 @@ def run(quick: bool) -> str:
             result = train(options, progress=False)
             runs[workers] = {"rate": _steady_rate(result, options), "wall": time.perf_counter() - t0,
                              "peak": max(p["rss"] for p in result.peak_memory_mb)}
+            if workers == 1:    # the baseline again, between the Ray runs: load drifts on a shared machine
+                plains.append(_plain_in_subprocess(plain_options))
+        # the faster baseline run: the conservative choice for the ratios below
+        plain = max(plains, key=lambda p: p["samples_per_s"])
+        plain_runs = " / ".join(f"{p['samples_per_s']:.2f}" for p in plains)
         lines = [
             "## train-student",
             "",
@@ -138,13 +161,15 @@ def run(quick: bool) -> str:
             "",
             "| path | samples/s | vs plain loop | wall s (incl. start-up) | peak RSS MiB per process |",
             "|---|---:|---:|---:|---:|",
-            f"| plain single-process loop (baseline) | {plain['samples_per_s']:.2f} | 1.00x | - | {plain['peak_mb']:.0f} |",
+            f"| plain single-process loop (baseline, best of {len(plains)}: {plain_runs}) | "
+            f"{plain['samples_per_s']:.2f} | 1.00x | - | {plain['peak_mb']:.0f} |",
         ]
         for workers, r in runs.items():
             lines.append(f"| train-student, {workers} worker{'s' if workers > 1 else ''} (Ray Train, gloo DDP) | "
                          f"{r['rate']:.2f} | {r['rate'] / plain['samples_per_s']:.2f}x | {r['wall']:.0f} | {r['peak']:.0f} |")
-        lines += ["", f"Goal: 1 worker >= 0.9x the plain loop. Machine has {os.cpu_count()} cores; "
-                      "numbers measured while other engineers loaded the CPU are noisy (2 workers need 2 free cores)."]
+        lines += ["", f"Goal: 1 worker >= 0.9x the plain loop. Machine has {os.cpu_count()} cores, load average "
+                      f"{os.getloadavg()[0]:.1f} at the end: on a shared machine these numbers are noisy (2 workers "
+                      "need 2 free cores)."]
         if torch.cuda.is_available():
             options = _options(world, root, "gpu", 12, 1, (800, 1333), 2)
             options.preset, options.model_overrides = "glip-t", {}
