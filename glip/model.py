@@ -126,6 +126,19 @@ class GLIP(nn.Module):
         os.replace(tmp_tok, final_tok)
         self.config.to_json(path / CONFIG_NAME)  # last: a directory with config.json is complete
 
+    def parameter_groups(self, lr: float, text_lr: float | None = None, weight_decay: float = 1e-4) -> list[dict]:
+        """AdamW groups: the text side (``language_backbone`` and the fusion BERT layers) at ``text_lr`` (default
+        lr / 10, the official BASE_LR / LANG_LR ratio), everything else at ``lr``; frozen parameters skipped.
+        (Measured on tiny: fusion BERT layers at the image lr collapse all tokens to one vector.)"""
+        text, rest = [], []
+        for name, param in self.named_parameters():
+            if param.requires_grad:
+                is_text = name.startswith("language_backbone.") or ".text_layer." in name
+                (text if is_text else rest).append(param)
+        text_lr = lr / 10 if text_lr is None else text_lr
+        return [{"params": rest, "lr": lr, "weight_decay": weight_decay},
+                {"params": text, "lr": text_lr, "weight_decay": weight_decay}]
+
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
