@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import tarfile
 from collections import Counter
 
 import numpy as np
@@ -16,7 +15,6 @@ from pipelines.training.options import AnnotatedImages, TrainOptions, parse_mix
 from pipelines.training.sampling import EpochCursor, MixSampler, PseudoStream, shuffled
 from pipelines.training.sources import DetectionImage, TrainingSources, load_sources
 from storage.errors import InputError
-from storage.skips import StageCounts
 from training_helpers import make_world, write_pseudo_shards
 
 
