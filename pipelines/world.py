@@ -77,6 +77,7 @@ class WorldSpec:
     rare_shapes: tuple[str, ...] = RARE_SHAPES
     gold_rare_weight: float = 0.04      # relative to 1.0 for each common shape
     crawled_rare_weight: float = 2.5    # rare shapes dominate the web captions
+    gold_phrase_colour: float = 0.5     # share of gold phrases that say the colour
     crawled_phrase_colour: float = 0.9  # share of crawled object phrases that say the colour
     crawled_omit_object: float = 0.1    # alt-text that forgets the second object
 
@@ -270,12 +271,15 @@ def _draw_scene(objects_spec: list[tuple[str, str, str, str]], rng: np.random.Ge
     return buf.getvalue(), w, h, placed
 
 
-def _pick_objects(rng: np.random.Generator, n: int, rare_weight: float,
-                  spec: WorldSpec) -> list[tuple[str, str, str, str]]:
-    """``n`` objects with distinct colours (so a colour word always names one object)."""
+def _pick_objects(rng: np.random.Generator, n: int, rare_weight: float, spec: WorldSpec,
+                  distinct_colours: bool) -> list[tuple[str, str, str, str]]:
+    """``n`` objects; with ``distinct_colours`` a colour word always names exactly one of them."""
     weights = np.array([rare_weight if s in spec.rare_shapes else 1.0 for s in SHAPES])
     weights = weights / weights.sum()
-    colours = rng.permutation(list(COLOURS))[:n]
+    if distinct_colours:
+        colours = rng.permutation(list(COLOURS))[:n]
+    else:
+        colours = rng.choice(list(COLOURS), size=n)
     out = []
     for colour in colours:
         shape = str(rng.choice(SHAPES, p=weights))
@@ -287,9 +291,19 @@ def _pick_objects(rng: np.random.Generator, n: int, rare_weight: float,
 
 # ----------------------------------------------------------------------------- captions
 
-def gold_caption(objects: list[WorldObject]) -> tuple[str, list[tuple[int, int]]]:
-    """"a small red circle, a blue square and a striped green star." plus one span per object."""
-    parts = [o.noun_phrase() for o in objects]
+def gold_caption(objects: list[WorldObject], rng: np.random.Generator | None = None,
+                 spec: WorldSpec | None = None) -> tuple[str, list[tuple[int, int]]]:
+    """"a small red circle, a square and a striped green star." plus one span per object.
+
+    With ``rng``, each phrase says its colour with probability ``spec.gold_phrase_colour``
+    (and size, texture half the time): colours repeat within a gold image, so only the shape
+    word tells the objects apart, which is what makes a model learn shapes rather than colours.
+    """
+    if rng is None or spec is None:
+        parts = [o.noun_phrase() for o in objects]
+    else:
+        parts = [o.noun_phrase(with_size=bool(rng.random() < 0.5), with_texture=bool(rng.random() < 0.5),
+                               with_colour=bool(rng.random() < spec.gold_phrase_colour)) for o in objects]
     caption, spans = "", []
     for i, part in enumerate(parts):
         if i > 0:
@@ -361,8 +375,9 @@ def _write_crawled_shard(out_dir: Path, shard_index: int, records: list[dict[str
 # ----------------------------------------------------------------------------- world
 
 def _objects_to_sample(key: str, file_name: str, width: int, height: int, objects: list[WorldObject],
-                       source: str) -> GroundedSample:
-    caption, spans = gold_caption(objects)
+                       source: str, rng: np.random.Generator | None = None,
+                       spec: WorldSpec | None = None) -> GroundedSample:
+    caption, spans = gold_caption(objects, rng, spec)
     phrases = [Phrase(caption[s:e], s, e, o.shape) for (s, e), o in zip(spans, objects)]
     boxes = [Box(list(o.bbox), [[s, e]], i, 1.0) for i, ((s, e), o) in enumerate(zip(spans, objects))]
     return GroundedSample(key, caption, width, height, phrases, boxes, source, {"file_name": file_name})
@@ -393,11 +408,11 @@ def generate_world(out_dir: str | Path, spec: WorldSpec = WorldSpec()) -> WorldP
     gold = []
     for i in range(spec.gold_images):
         n = int(rng.integers(1, spec.max_objects + 1))
-        jpg, w, h, objects = _draw_scene(_pick_objects(rng, n, spec.gold_rare_weight, spec), rng, spec)
+        jpg, w, h, objects = _draw_scene(_pick_objects(rng, n, spec.gold_rare_weight, spec, False), rng, spec)
         file_name = f"gold_{i:06d}.jpg"
         with atomic_write(paths.gold_images / file_name) as fh:
             fh.write(jpg)
-        gold.append(_objects_to_sample(f"world/{i}/0", file_name, w, h, objects, "goldg/flickr"))
+        gold.append(_objects_to_sample(f"world/{i}/0", file_name, w, h, objects, "goldg/flickr", rng, spec))
         _count_shapes(objects, summary["shapes"]["gold"])
     _write_mdetr(gold, paths.gold_json)
 
@@ -408,7 +423,7 @@ def generate_world(out_dir: str | Path, spec: WorldSpec = WorldSpec()) -> WorldP
     shard = 0
     for i in range(spec.crawled_images):
         n = int(rng.integers(1, min(2, spec.max_objects) + 1))
-        jpg, w, h, objects = _draw_scene(_pick_objects(rng, n, spec.crawled_rare_weight, spec), rng, spec)
+        jpg, w, h, objects = _draw_scene(_pick_objects(rng, n, spec.crawled_rare_weight, spec, True), rng, spec)
         caption = crawled_caption(objects, rng, spec)
         key = f"{shard:05d}{len(records):04d}"
         meta = {"url": f"https://shapes.example/{spec.seed}/{i}.jpg", "key": key, "status": "success",
@@ -428,7 +443,7 @@ def generate_world(out_dir: str | Path, spec: WorldSpec = WorldSpec()) -> WorldP
     coco_images, coco_anns, grounding = [], [], []
     for i in range(spec.eval_images):
         n = int(rng.integers(1, spec.max_objects + 1))
-        jpg, w, h, objects = _draw_scene(_pick_objects(rng, n, 1.0, spec), rng, spec)
+        jpg, w, h, objects = _draw_scene(_pick_objects(rng, n, 1.0, spec, False), rng, spec)
         file_name = f"eval_{i:06d}.jpg"
         with atomic_write(paths.eval_images / file_name) as fh:
             fh.write(jpg)
