@@ -32,7 +32,7 @@ from pipelines.training.checkpointing import (checkpoint_dir, latest_checkpoint,
                                               save_checkpoint)
 from pipelines.training.feed import MixedFeed
 from pipelines.training.options import TrainOptions
-from pipelines.training.schedule import build_optimizer, lr_factor
+from pipelines.training.schedule import build_optimizer, lr_factor, text_parameter_ids
 
 log = logging.getLogger("glipctl.train")
 
@@ -197,9 +197,9 @@ def run_worker(config: dict[str, Any], ctx: WorkerContext = WorkerContext()) -> 
     model = build_model(options, resume_from).to(device)
     model.train()
     if options.text_lr == 0:   # a text encoder that cannot move needs no gradients (~40% of a tiny CPU step)
-        from pipelines.training.schedule import is_text_encoder_param
-        for name, p in model.named_parameters():
-            if is_text_encoder_param(name):
+        frozen = text_parameter_ids(model)
+        for p in model.parameters():
+            if id(p) in frozen:
                 p.requires_grad_(False)
     optimizer, scheduler = build_optimizer(model, options.lr, options.text_lr, options.weight_decay,
                                            options.steps, options.warmup, options.schedule)

@@ -1,7 +1,9 @@
 """Optimizer and learning-rate schedule: AdamW with two learning rates, warm-up then decay.
 
-The text encoder (a pretrained BERT) gets its own, usually smaller, learning rate: GLIP
-fine-tunes the language backbone gently so it keeps what it knows about words.
+The text side (the pretrained BERT and the BERT layers of the fusion head) gets its own,
+usually smaller, learning rate: GLIP fine-tunes the language side gently so it keeps what it
+knows about words (and on ``tiny`` the fusion's BERT layers at the image rate collapse every
+token to one vector, measured by the model engineer).
 """
 from __future__ import annotations
 
@@ -26,18 +28,34 @@ def is_text_encoder_param(name: str) -> bool:
     return name.startswith(TEXT_ENCODER_PREFIXES)
 
 
-def param_groups(named_params: Iterable[tuple[str, torch.nn.Parameter]], lr: float, text_lr: float,
-                 weight_decay: float) -> list[dict]:
-    """AdamW groups: (text encoder | rest) x (decayed | not decayed).
+def text_parameter_ids(model: torch.nn.Module) -> set[int]:
+    """``id()`` of every parameter on the text side of ``model``.
 
-    Biases and normalization weights (1-D tensors) get no weight decay, as usual for AdamW.
-    Each group carries ``name`` so logs and tests can find it; frozen parameters are left out.
+    The model says which those are when it can (``GLIP.parameter_groups``: the language
+    backbone and the BERT layers inside the fusion head); otherwise the name prefixes above.
+    """
+    groups = getattr(model, "parameter_groups", None)
+    if callable(groups):
+        probe_lr, probe_text_lr = 1.0, 0.5
+        return {id(p) for g in groups(probe_lr, probe_text_lr) if g["lr"] == probe_text_lr for p in g["params"]}
+    return {id(p) for name, p in model.named_parameters() if is_text_encoder_param(name)}
+
+
+def param_groups(named_params: Iterable[tuple[str, torch.nn.Parameter]], lr: float, text_lr: float,
+                 weight_decay: float, text_ids: set[int] | None = None) -> list[dict]:
+    """AdamW groups: (text side | rest) x (decayed | not decayed).
+
+    ``text_ids`` (from ``text_parameter_ids``) picks the text side; without it, the name
+    prefixes do. Biases and normalization weights (1-D tensors) get no weight decay, as usual
+    for AdamW. Each group carries ``name`` so logs and tests can find it; frozen parameters
+    are left out.
     """
     groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
     for name, p in named_params:
         if not p.requires_grad:
             continue
-        key = (is_text_encoder_param(name), p.ndim > 1)
+        text = id(p) in text_ids if text_ids is not None else is_text_encoder_param(name)
+        key = (text, p.ndim > 1)
         groups.setdefault(key, []).append(p)
     result = []
     for (text, decay), params in sorted(groups.items()):
@@ -69,7 +87,7 @@ def build_optimizer(model: torch.nn.Module, lr: float, text_lr: float, weight_de
                     total_steps: int, warmup: int, schedule: str
                     ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW over ``param_groups`` and a LambdaLR stepping once per optimizer step."""
-    groups = param_groups(model.named_parameters(), lr, text_lr, weight_decay)
+    groups = param_groups(model.named_parameters(), lr, text_lr, weight_decay, text_parameter_ids(model))
     optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999))
     factor: Callable[[int], float] = lambda step: lr_factor(step, total_steps, warmup, schedule)  # noqa: E731
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

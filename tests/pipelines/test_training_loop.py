@@ -63,6 +63,11 @@ def test_held_out_evaluation_of_a_grounding_file(tmp_path):
     held = HeldOutSet.load(AnnotatedImages(str(world.eval_grounding_json), str(world.eval_images)), StageCounts())
     assert not held.detection and len(held.sources.gold) == 8
     model = GLIP.from_preset("tiny", min_size=48, max_size=64).train()
+    # the optimizer's text side is the model's own: the language backbone and the fusion's BERT layers
+    from pipelines.training.schedule import text_parameter_ids
+    text = {n for n, p in model.named_parameters() if id(p) in text_parameter_ids(model)}
+    assert any(n.startswith("language_backbone.") for n in text) and any(".text_layer." in n for n in text)
+    assert not any(n.startswith("backbone.") for n in text)
     row = HeldOutEvaluator([held], 48, 64, model.config.max_query_len, samples=4, batch_size=4)(model)
     assert {"eval_loss", "eval_loss_cls", "eval_R@1", "eval_R@5"} <= set(row)
     assert row["eval_loss"] > 0 and 0.0 <= row["eval_R@1"] <= row["eval_R@5"] <= 1.0
