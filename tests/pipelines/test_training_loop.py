@@ -41,6 +41,14 @@ def test_resume_continues_the_loss_curve_and_nan_keeps_the_last_good_checkpoint(
         assert resumed["rows"][0][term] == pytest.approx(straight["rows"][1][term], rel=1e-4, abs=1e-6), term
     assert [r["step"] for r in read_metrics(tmp_path / "resumed" / "metrics.jsonl")] == [1, 2]
 
+    # --init from a finished run (the teacher -> student hand-over): its weights, our resolution
+    from pipelines.training.loop import build_model
+    student = build_model(TrainOptions(out="unused", init=str(tmp_path / "straight"),
+                                       model_overrides={"min_size": 40, "max_size": 60}))
+    teacher_weights = load_file(str(tmp_path / "straight" / "model.safetensors"))
+    assert torch.equal(student.state_dict()["head.bbox_pred.weight"], teacher_weights["head.bbox_pred.weight"])
+    assert (student.config.min_size, student.config.max_size) == (40, 60)
+
     # the saved weights turn bad: the next step's centerness loss is NaN
     good = checkpoint_dir(tmp_path / "resumed", 2)
     weights = load_file(str(good / "model.safetensors"))
