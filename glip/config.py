@@ -81,6 +81,7 @@ class GLIPConfig:
     use_dyrelu: bool = True
     use_dyfuse: bool = True
     reuse_offsets_across_levels: bool = True  # the official quirk (see glip.dyconv.fit_offsets_to_output)
+    deform_impl: str = "torchvision"          # or "grid_sample": same function, faster CPU training (glip.deform)
 
     # -- head and losses
     log_scale: float = 0.0
@@ -170,7 +171,7 @@ _PRESETS: dict[str, dict[str, Any]] = {
         text_encoder=MINILM, max_query_len=64, num_fusion_layers=2, fusion_embed_dim=256, fusion_heads=4,
         # trained from scratch on CPU: a small layer scale lets the detector learn from the FPN first and the
         # fusion grow in (with 1/num_layers = 0.5, two synthetic images did not fit in 120 steps; measured)
-        fusion_layer_scale=0.01,
+        fusion_layer_scale=0.01, deform_impl="grid_sample",
         dyhead_groups=8, min_size=320, max_size=512, pixel_format="RGB1",
         pixel_mean=IMAGENET_MEAN_RGB, pixel_std=IMAGENET_STD_RGB, legacy_box_plus_one=False,
     ),

@@ -1,7 +1,7 @@
 """The image side of a fusion layer: DyHead's DyConv (scale-, spatial- and task-aware attention).
 
-Per FPN level l: modulated deformable 3x3 convs (``torchvision.ops.deform_conv2d``, offsets as (dy, dx) pairs per
-kernel point, mask = sigmoid) on levels l-1 (stride 2), l and l+1 (upsampled bilinearly to l), each followed by
+Per FPN level l: modulated deformable 3x3 convs (``torchvision.ops.deform_conv2d`` or the equal
+``glip.deform`` grid-sample version; offsets as (dy, dx) pairs per kernel point, mask = sigmoid) on levels l-1 (stride 2), l and l+1 (upsampled bilinearly to l), each followed by
 GroupNorm; scale-aware attention (global pool -> 1x1 conv -> ReLU -> hard sigmoid) weights the three before
 averaging; a task-aware DyReLU ends it. Keys follow the official ``dyhead_tower.{3i+2}`` module.
 """
@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import deform_conv2d
+
+from glip.deform import modulated_deform_conv2d
 
 
 def hard_sigmoid(x: torch.Tensor) -> torch.Tensor:
@@ -38,9 +39,10 @@ def fit_offsets_to_output(offset: torch.Tensor, mask: torch.Tensor, out_hw: tupl
 class DeformConvNorm(nn.Module):
     """Modulated deformable 3x3 conv (or a plain conv when offsets are not given) + GroupNorm."""
 
-    def __init__(self, channels_in: int, channels_out: int, stride: int, groups: int, reuse_offsets: bool = True):
+    def __init__(self, channels_in: int, channels_out: int, stride: int, groups: int, reuse_offsets: bool = True,
+                 impl: str = "torchvision"):
         super().__init__()
-        self.stride, self.reuse_offsets = stride, reuse_offsets
+        self.stride, self.reuse_offsets, self.impl = stride, reuse_offsets, impl
         self.conv = nn.Conv2d(channels_in, channels_out, 3, stride=stride, padding=1)
         self.bn = nn.GroupNorm(groups, channels_out)
         nn.init.normal_(self.conv.weight, 0, 0.01)
@@ -60,7 +62,7 @@ class DeformConvNorm(nn.Module):
             else:  # a cleaner alternative: resample the offsets to the output grid
                 offset = F.interpolate(offset, size=out_hw, mode="bilinear", align_corners=False)
                 mask = F.interpolate(mask, size=out_hw, mode="bilinear", align_corners=False)
-            y = deform_conv2d(x, offset, self.conv.weight, self.conv.bias, stride=self.stride, padding=1, mask=mask)
+            y = modulated_deform_conv2d(x, offset, mask, self.conv.weight, self.conv.bias, self.stride, 1, self.impl)
         return self.bn(y)
 
 
@@ -87,12 +89,11 @@ class DyConv(nn.Module):
     """One DyHead block over all FPN levels: list of [B, C, H_l, W_l] -> same shapes."""
 
     def __init__(self, channels: int, groups: int, use_deform: bool = True, use_dyrelu: bool = True,
-                 use_dyfuse: bool = True, reuse_offsets: bool = True):
+                 use_dyfuse: bool = True, reuse_offsets: bool = True, deform_impl: str = "torchvision"):
         super().__init__()
         # index 0: applied to the coarser level l+1, 1: to level l, 2: to the finer level l-1 with stride 2
-        self.DyConv = nn.ModuleList([DeformConvNorm(channels, channels, 1, groups, reuse_offsets),
-                                     DeformConvNorm(channels, channels, 1, groups, reuse_offsets),
-                                     DeformConvNorm(channels, channels, 2, groups, reuse_offsets)])
+        self.DyConv = nn.ModuleList([DeformConvNorm(channels, channels, stride, groups, reuse_offsets, deform_impl)
+                                     for stride in (1, 1, 2)])
         self.AttnConv = None
         if use_dyfuse:
             self.AttnConv = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(channels, 1, 1), nn.ReLU(inplace=True))

@@ -50,7 +50,7 @@ class FusionLayer(nn.Module):
                                        clamp=cfg.clamp_fusion, stable_softmax_2d=cfg.stable_softmax_2d)
         self.text_layer = FusionBertLayer(text_config, clamp_attention=cfg.clamp_bert_attention)
         self.image_layer = DyConv(cfg.fpn_channels, cfg.dyhead_groups, cfg.use_deform, cfg.use_dyrelu,
-                                  cfg.use_dyfuse, cfg.reuse_offsets_across_levels)
+                                  cfg.use_dyfuse, cfg.reuse_offsets_across_levels, cfg.deform_impl)
 
     def forward(self, levels: list[torch.Tensor], text: torch.Tensor, text_mask: torch.Tensor):
         levels, text = self.b_attn.forward_levels(levels, text, text_mask)

@@ -95,3 +95,22 @@ def test_dyconv_applies_level_offsets_to_the_next_level():
         resampled = block(levels)
     assert quirky[1].shape == resampled[1].shape == (1, 8, 3, 3)
     assert not torch.allclose(quirky[0], resampled[0])   # level 0 reads level 1 through the quirk
+
+
+def test_grid_sample_deform_conv_equals_torchvision_with_gradients():
+    from glip.deform import modulated_deform_conv2d
+
+    torch.manual_seed(0)
+    for h, w, stride in [(7, 9, 1), (8, 8, 2), (1, 1, 1), (3, 5, 2)]:
+        ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
+        inputs = [torch.randn(2, 6, h, w, dtype=torch.float64),
+                  torch.randn(2, 18, ho, wo, dtype=torch.float64) * 2,   # offsets reaching outside the map
+                  torch.rand(2, 9, ho, wo, dtype=torch.float64),
+                  torch.randn(5, 6, 3, 3, dtype=torch.float64), torch.randn(5, dtype=torch.float64)]
+        inputs = [t.requires_grad_() for t in inputs]
+        x, offset, mask, weight, bias = inputs
+        ref = modulated_deform_conv2d(x, offset, mask, weight, bias, stride, 1, "torchvision")
+        ours = modulated_deform_conv2d(x, offset, mask, weight, bias, stride, 1, "grid_sample")
+        torch.testing.assert_close(ours, ref)
+        for g_ours, g_ref in zip(torch.autograd.grad(ours.sum(), inputs), torch.autograd.grad(ref.sum(), inputs)):
+            torch.testing.assert_close(g_ours, g_ref)
