@@ -8,10 +8,10 @@ from __future__ import annotations
 import os
 import time
 
-# Baselines beside the numbers: what the same measurement gave when this file was written (2-core shared CPU,
-# under load from other engineers' jobs), and the official GLIP-T's reported speed.
-BASELINE_TINY_CPU = "1.5-3 img/s (first measurement, loaded 2-core machine)"
-BASELINE_GLIP_T_CPU = "~0.1 img/s (first measurement, loaded 2-core machine)"
+# Baselines beside the numbers: the first measurement on this machine (torchvision's deform_conv2d in tiny, whose
+# CPU backward took 64% of a step), and the official GLIP-T on CPU (official_glip README: ~20 s per 800x1066 image).
+BASELINE_TINY_CPU = "0.20 img/s with torchvision deform_conv2d (first run, loaded 2-core machine)"
+BASELINE_GLIP_T_CPU = "official GLIP-T on CPU: ~0.05 img/s (~20 s per 800x1066 image, official_glip README)"
 BASELINE_GLIP_T_GPU = "no earlier GPU measurement in this project"
 
 

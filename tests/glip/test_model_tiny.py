@@ -80,6 +80,16 @@ def test_save_load_round_trip_is_bit_exact(tiny, tmp_path):
     assert torch.equal(a, b)
 
 
+def test_load_teacher_accepts_a_checkpoint_dir(tiny, tmp_path):
+    from glip import load_teacher
+
+    tiny.save_pretrained(tmp_path / "teacher")
+    teacher = load_teacher(tmp_path / "teacher")
+    assert not teacher.training and teacher.config == tiny.config
+    with pytest.raises(FileNotFoundError):
+        load_teacher(tmp_path / "missing")
+
+
 def test_config_json_round_trip():
     for name in ("tiny", "glip-t", "glip-l"):
         cfg = GLIPConfig.preset(name, max_query_len=32)
