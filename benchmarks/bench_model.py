@@ -68,6 +68,9 @@ def run(quick: bool) -> str:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     threads = torch.get_num_threads()
     tiny = bench_tiny_train(3 if quick else 10)
+    torch.set_num_threads(1)   # on a shared machine one thread often beats two (no oversubscription)
+    tiny_one_thread = bench_tiny_train(3 if quick else 10)
+    torch.set_num_threads(threads)
     glip_t = bench_glip_t_forward(1 if quick else 2)
     lines = [
         "## Model (glip/)",
@@ -76,8 +79,9 @@ def run(quick: bool) -> str:
         "",
         "| measurement | images/s | baseline |",
         "|---|---|---|",
-        f"| tiny forward+backward, 2 images 320x320 | {tiny:.2f} | {BASELINE_TINY_CPU} |",
-        f"| glip-t forward, 1 image 800x1333 (CPU) | {glip_t:.3f} | {BASELINE_GLIP_T_CPU} |",
+        f"| tiny forward+backward, 2 images 320x320, {threads} threads | {tiny:.2f} | {BASELINE_TINY_CPU} |",
+        f"| tiny forward+backward, 2 images 320x320, 1 thread | {tiny_one_thread:.2f} | {BASELINE_TINY_CPU} |",
+        f"| glip-t forward, 1 image 800x1333, {threads} threads | {glip_t:.3f} | {BASELINE_GLIP_T_CPU} |",
     ]
     if torch.cuda.is_available():
         name = torch.cuda.get_device_name(0)
