@@ -33,7 +33,8 @@ def bench_tiny_train(iterations: int) -> float:
     model = GLIP.from_preset("tiny").train()
     images = [torch.rand(3, 320, 320), torch.rand(3, 320, 320)]
     captions = ["a dog chasing a red ball on the grass.", "two people riding bicycles down a street"]
-    targets = [{"boxes": torch.tensor([[20.0, 30, 180, 200], [200, 220, 260, 280]]), "tokens_positive": [[[0, 5]], [[16, 26]]]},
+    targets = [{"boxes": torch.tensor([[20.0, 30, 180, 200], [200, 220, 260, 280]]),
+                "tokens_positive": [[[0, 5]], [[16, 26]]]},
                {"boxes": torch.tensor([[40.0, 50, 300, 310]]), "tokens_positive": [[[0, 10]]]}]
 
     def step():
@@ -88,7 +89,8 @@ def run(quick: bool) -> str:
         for dtype, label in ((None, "fp32"), (torch.bfloat16, "bf16")):
             for batch in (1, 8):
                 speed = bench_glip_t_forward(3 if quick else 10, "cuda", dtype, batch)
-                lines.append(f"| glip-t forward {label}, batch {batch}, 800x1333 ({name}) | {speed:.2f} | {BASELINE_GLIP_T_GPU} |")
+                lines.append(f"| glip-t forward {label}, batch {batch}, 800x1333 ({name}) | {speed:.2f} "
+                             f"| {BASELINE_GLIP_T_GPU} |")
     else:
         lines += ["", "No GPU in this run: the glip-t fp32/bf16 batch 1/8 rows appear when CUDA is available."]
     return "\n".join(lines) + "\n"

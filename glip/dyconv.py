@@ -1,9 +1,9 @@
 """The image side of a fusion layer: DyHead's DyConv (scale-, spatial- and task-aware attention).
 
 Per FPN level l: modulated deformable 3x3 convs (``torchvision.ops.deform_conv2d`` or the equal
-``glip.deform`` grid-sample version; offsets as (dy, dx) pairs per kernel point, mask = sigmoid) on levels l-1 (stride 2), l and l+1 (upsampled bilinearly to l), each followed by
-GroupNorm; scale-aware attention (global pool -> 1x1 conv -> ReLU -> hard sigmoid) weights the three before
-averaging; a task-aware DyReLU ends it. Keys follow the official ``dyhead_tower.{3i+2}`` module.
+``glip.deform`` grid-sample version; offsets as (dy, dx) pairs per kernel point, mask = sigmoid) on levels
+l-1 (stride 2), l and l+1 (upsampled bilinearly to l), each followed by GroupNorm; scale-aware attention
+(global pool -> 1x1 conv -> ReLU -> hard sigmoid) weights the three before averaging; a task-aware DyReLU ends it. Keys follow the official ``dyhead_tower.{3i+2}`` module.
 """
 from __future__ import annotations
 

@@ -73,9 +73,10 @@ class GLIP(nn.Module):
         """A preset with random weights, except the text encoder's when ``text_pretrained`` and available offline."""
         config = GLIPConfig.preset(name, **overrides)
         model = cls(config)
-        if config.text_pretrained and not model.device.type == "meta":
+        if config.text_pretrained and model.device.type != "meta":
             if not model.language_backbone.load_pretrained_weights(config.text_encoder):
-                log.warning("no offline weights for text encoder %r: it stays randomly initialised", config.text_encoder)
+                log.warning("no offline weights for text encoder %r: it stays randomly initialised",
+                            config.text_encoder)
         return model
 
     @classmethod

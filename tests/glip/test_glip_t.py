@@ -59,7 +59,8 @@ def test_forward_shapes_on_meta(glip_t):
 
 def test_glip_l_sizes_and_parameter_count():
     cfg = GLIPConfig.preset("glip-l")
-    assert (cfg.swin_embed_dim, cfg.swin_depths, cfg.swin_window_size, cfg.num_fusion_layers) == (192, (2, 2, 18, 2), 12, 8)
+    sizes = (cfg.swin_embed_dim, cfg.swin_depths, cfg.swin_window_size, cfg.num_fusion_layers)
+    assert sizes == (192, (2, 2, 18, 2), 12, 8)
     with torch.device("meta"):
         glip_l = GLIP.from_preset("glip-l", text_pretrained=False)
     official_glip_l = 430_422_384   # official_glip/README.md

@@ -27,7 +27,8 @@ def tiny():
 
 
 def targets():
-    return [{"boxes": torch.tensor([[10.0, 20, 100, 120], [150, 150, 300, 250]]), "tokens_positive": [[[0, 10]], [[15, 25]]]},
+    return [{"boxes": torch.tensor([[10.0, 20, 100, 120], [150, 150, 300, 250]]),
+             "tokens_positive": [[[0, 10]], [[15, 25]]]},
             {"boxes": torch.tensor([[30.0, 40, 200, 190]]), "tokens_positive": [[[0, 8]]]}]
 
 
