@@ -127,6 +127,13 @@ def test_ground_format_and_original_pixel_coordinates(tiny):
         alone = tiny.ground(pils[:1], captions[:1], spans[:1], max_per_phrase=5)
         again = tiny.ground([tensor], captions[:1], spans[:1], max_per_phrase=5, image_sizes=[pils[0].size])
         assert again == alone
+        # without image_sizes the tensor's own pixels are the frame: the same boxes scaled by 426/640 and 320/480
+        own = tiny.ground([tensor], captions[:1], spans[:1], max_per_phrase=5)
+        sx, sy = 640 / 426, 480 / 320
+        for det_own, det_orig in zip(own[0][0], alone[0][0]):
+            x, y, w, h = det_own["bbox"]
+            assert det_orig["bbox"] == pytest.approx([x * sx, y * sy, w * sx, h * sy], rel=1e-5, abs=1e-3)
+            assert det_orig["score"] == det_own["score"]
         # a threshold above every score leaves nothing
         assert tiny.ground(pils[:1], captions[:1], spans[:1], threshold=1.01) == [[[]]]
     finally:
