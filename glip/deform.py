@@ -19,7 +19,12 @@ def modulated_deform_conv2d(x: torch.Tensor, offset: torch.Tensor, mask: torch.T
                             bias: torch.Tensor | None, stride: int = 1, padding: int = 1,
                             impl: str = "torchvision") -> torch.Tensor:
     if impl == "torchvision":
-        return deform_conv2d(x, offset, weight, bias, stride=stride, padding=padding, mask=mask)
+        if x.dtype in (torch.float32, torch.float64) and offset.dtype == mask.dtype == weight.dtype == x.dtype:
+            return deform_conv2d(x, offset, weight, bias, stride=stride, padding=padding, mask=mask)
+        # mixed precision: torchvision's autocast rule (run in float32) on every device; its CPU kernel has none
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return deform_conv2d(x.float(), offset.float(), weight.float(), None if bias is None else bias.float(),
+                                 stride=stride, padding=padding, mask=mask.float())
     if impl == "grid_sample":
         return _deform_conv2d_grid_sample(x, offset, mask, weight, bias, stride, padding)
     raise ValueError(f"unknown deformable conv implementation {impl!r}")

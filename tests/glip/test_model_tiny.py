@@ -66,6 +66,16 @@ def test_image_without_boxes_gives_finite_losses(tiny):
     losses["loss"].backward()
 
 
+@pytest.mark.parametrize("impl", ["grid_sample", "torchvision"])
+def test_bfloat16_autocast_forward(impl):
+    """Mixed precision (bf16 on GPU for pseudo-labelling) must run: checked with CPU autocast."""
+    torch.manual_seed(0)
+    model = GLIP.from_preset("tiny", deform_impl=impl, text_pretrained=False).eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model([torch.rand(3, 96, 128), torch.rand(3, 64, 96)], CAPTIONS)
+    assert all(torch.isfinite(t.float()).all() for t in out.head.token_logits + out.head.box_regression)
+
+
 def test_save_load_round_trip_is_bit_exact(tiny, tmp_path):
     tiny.save_pretrained(tmp_path / "ckpt")
     assert {p.name for p in (tmp_path / "ckpt").iterdir()} >= {"config.json", "model.safetensors", "tokenizer"}
