@@ -67,10 +67,10 @@ CRAWLED_TEMPLATES = (
 class WorldSpec:
     """Sizes and mixtures of the generated world; everything else follows from ``seed``."""
     seed: int = 0
-    gold_images: int = 320
-    crawled_images: int = 720
+    gold_images: int = 800
+    crawled_images: int = 1200
     eval_images: int = 120
-    crawled_shard_size: int = 240
+    crawled_shard_size: int = 300
     min_side: int = 128
     max_side: int = 192
     max_objects: int = 3
