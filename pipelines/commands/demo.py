@@ -23,6 +23,8 @@ def main(
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Ray starts its workers at nice 15; the demo is a foreground job whose minutes are measured
+    os.environ.setdefault("RAY_worker_niceness", "0")
     from pipelines.common import console, ensure_ray
     from pipelines.demo import DemoOptions, print_report, run_demo
 
