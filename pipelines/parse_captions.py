@@ -326,22 +326,9 @@ def spacy_identity(name: str) -> dict[str, str]:
 
 def open_manifest(out_dir: Path, options: ParseOptions, model: dict) -> ParseManifest:
     """The manifest to resume from, or a fresh one (``--overwrite`` or no manifest yet)."""
-    wanted = {k: getattr(options, k) for k in OUTPUT_OPTIONS}
     if not options.overwrite:
-        try:
-            old = Manifest.load(out_dir)
-        except ValueError as exc:
-            raise InputError(str(exc)) from None
+        old = Manifest.resumable(out_dir, STAGE, asdict(options), OUTPUT_OPTIONS)
         if old is not None:
-            if old.stage != STAGE:
-                raise InputError(f"{out_dir}: holds the output of `{old.stage}`, not {STAGE}; "
-                                 f"choose another --out or pass --overwrite")
-            before = {k: old.options.get(k) for k in OUTPUT_OPTIONS}
-            if before != wanted:
-                diff = ", ".join(f"{k}: {before[k]!r} -> {wanted[k]!r}" for k in OUTPUT_OPTIONS
-                                 if before[k] != wanted[k])
-                raise InputError(f"{out_dir}: was written with other options ({diff}); "
-                                 f"pass --overwrite to start over")
             return ParseManifest(stage=STAGE, options=old.options, model=old.model,
                                  shards=old.shards)
     return ParseManifest(stage=STAGE, options=asdict(options), model=model)

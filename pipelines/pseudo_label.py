@@ -545,23 +545,10 @@ def open_manifest(out_dir: Path, options: PseudoLabelOptions, identity: TeacherI
     """The manifest to resume from, or a fresh one; ``InputError`` when options changed."""
     from dataclasses import asdict
 
-    from storage.errors import InputError
-
     recorded = dict(asdict(options), **_output_options(options, identity, resize))
     if not options.overwrite:
-        try:
-            old = Manifest.load(out_dir)
-        except ValueError as exc:
-            raise InputError(str(exc)) from None
+        old = Manifest.resumable(out_dir, STAGE, recorded, OUTPUT_OPTIONS)
         if old is not None:
-            if old.stage != STAGE:
-                raise InputError(f"{out_dir}: holds the output of `{old.stage}`, not {STAGE}; "
-                                 f"choose another --out or pass --overwrite")
-            changed = [f"{k}: {old.options.get(k)!r} -> {recorded[k]!r}" for k in OUTPUT_OPTIONS
-                       if old.options.get(k) != recorded[k]]
-            if changed:
-                raise InputError(f"{out_dir}: was written with other options ({', '.join(changed)}); "
-                                 f"pass --overwrite to start over")
             return Manifest(stage=STAGE, options=recorded, model=identity.to_dict(), shards=old.shards)
     else:
         try:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from storage.atomic import write_json_atomic
+from storage.errors import InputError
 
 MANIFEST_NAME = "_manifest.json"
 
@@ -44,6 +45,31 @@ class Manifest:
                        shards=d.get("shards", {}), version=d.get("version", "?"))
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
             raise ValueError(f"{path}: unreadable manifest ({exc}); use --overwrite to start over") from exc
+
+    @classmethod
+    def resumable(cls, out_dir: str | Path, stage: str, options: dict[str, Any],
+                  output_keys: "list[str] | tuple[str, ...]") -> "Manifest | None":
+        """The manifest of an earlier run of ``stage`` in ``out_dir`` to resume from, or None.
+
+        Raises ``InputError`` when it is unreadable, belongs to another stage, or was written
+        with other values of the options that change the output (``output_keys``): resuming
+        then would mix two kinds of output in one folder.
+        """
+        try:
+            old = cls.load(out_dir)
+        except ValueError as exc:
+            raise InputError(str(exc)) from None
+        if old is None:
+            return None
+        if old.stage != stage:
+            raise InputError(f"{out_dir}: holds the output of `{old.stage}`, not {stage}; "
+                             f"choose another --out or pass --overwrite")
+        changed = [f"{k}: {old.options.get(k)!r} -> {options.get(k)!r}" for k in output_keys
+                   if old.options.get(k) != options.get(k)]
+        if changed:
+            raise InputError(f"{out_dir}: was written with other options ({', '.join(changed)}); "
+                             f"pass --overwrite to start over")
+        return old
 
     def save(self, out_dir: str | Path) -> None:
         write_json_atomic(Path(out_dir) / MANIFEST_NAME, {
