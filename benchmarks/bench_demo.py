@@ -33,7 +33,7 @@ learning rates, AP in percent, teacher 46.1 overall / 18.6 rare after 1500 steps
   gold steps, and the student's mistakes are rare shapes named as common ones (hearts as "circle",
   stars as "cross"; `student_predictions.png`).
 - Student initialised from the teacher, +750 steps on gold+pseudo vs the teacher +750 steps on gold
-  only: AP 49.1 vs 49.1, rare 24.2 vs 22.7: the pseudo-labels add little beyond more steps.
+  only: AP 49.1 vs 49.1, rare 23.8 vs 22.7: the pseudo-labels add little beyond more steps.
 - Crawled phrases that name the colour less often (30% instead of 90%, so the shape word has to
   carry the box): AP 40.8, rare 20.8: not it either.
 - Deep fusion: with one fusion layer the bi-attention's text update collapses token features (cosine
