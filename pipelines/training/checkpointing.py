@@ -72,14 +72,7 @@ def save_checkpoint(out: str | Path, step: int, save_model: Callable[[Path], Non
     save_model(tmp)
     with atomic_write(tmp / TRAIN_STATE) as fh:
         torch.save(train_state, fh)
-    if final.exists():              # the same step written again (a resumed run): replace it
-        stale = final.parent / f".old-{final.name}"
-        shutil.rmtree(stale, ignore_errors=True)
-        os.replace(final, stale)
-        os.replace(tmp, final)
-        shutil.rmtree(stale, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
+    _replace_dir(tmp, final)        # the same step written again (a resumed run) is replaced
     prune_checkpoints(out, keep)
     return final
 
@@ -91,6 +84,19 @@ def prune_checkpoints(out: str | Path, keep: int) -> list[Path]:
     for path in doomed:
         shutil.rmtree(path, ignore_errors=True)
     return doomed
+
+
+def _replace_dir(staging: Path, target: Path) -> None:
+    """Put the complete folder ``staging`` at ``target``, moving an existing one aside first
+    (a folder cannot be renamed over a non-empty one)."""
+    if target.exists():
+        old = target.parent / f".old-{target.name}"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+        os.replace(staging, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, target)
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -115,14 +121,7 @@ def publish(checkpoint: str | Path, out: str | Path) -> None:
             staging = out / f".tmp-{entry.name}"
             shutil.rmtree(staging, ignore_errors=True)
             shutil.copytree(entry, staging, copy_function=lambda s, d: _link_or_copy(Path(s), Path(d)))
-            if target.exists():
-                old = out / f".old-{entry.name}"
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(target, old)
-                os.replace(staging, target)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(staging, target)
+            _replace_dir(staging, target)
         else:
             staging = out / f".tmp-{entry.name}"
             staging.unlink(missing_ok=True)

@@ -7,15 +7,7 @@ from PIL import Image
 
 from glip import GLIP, GLIPConfig
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """One intra-op thread: on the shared 2-core machine a second thread costs more than it gives (0.16 s vs
-    0.41 s per tiny training step, measured under load)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 CAPTIONS = ["a red ball and a blue box.", "two dogs play with a frisbee"]
 

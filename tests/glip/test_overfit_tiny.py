@@ -8,15 +8,7 @@ from torchvision.ops import box_iou
 
 from glip import GLIP
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """One intra-op thread: on the shared 2-core machine a second thread costs more than it gives (0.16 s vs
-    0.41 s per tiny training step, measured under load)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 SIZE = 96
 MAX_STEPS = 150
