@@ -6,8 +6,9 @@ Public API (the other packages call only this):
   ``model.save_pretrained(dir)``, ``model.config`` (``min_size``, ``max_size``, ``max_query_len`` ...).
 - ``model(images, captions, targets)`` -> dict of scalar losses ``loss`` (total), ``loss_cls``, ``loss_box``,
   ``loss_centerness``. ``images``: list of float RGB tensors [3, H, W] in [0, 1] (already resized); ``targets``:
-  per image ``{"boxes": FloatTensor[N, 4] xyxy pixels of that tensor, "tokens_positive": per box [[start, end], ...]}``.
-  Without targets it returns the raw ``GLIPOutputs``.
+  per image ``{"boxes": FloatTensor[N, 4] xyxy pixels of that tensor, "tokens_positive": per box [[start, end], ...]}``
+  and optionally ``"tokens_ignore": [[start, end], ...]``: caption spans whose boxes are unknown (a pseudo-label's
+  phrase the teacher found nothing for); their tokens get no classification loss, rather than "absent". Without targets it returns the raw ``GLIPOutputs``.
 - ``model.prepare_image(pil) -> Tensor[3, h, w]`` (resized per config, RGB [0, 1]).
 - ``model.ground(images, captions, phrase_spans, ...)`` -> per image, per phrase, ``[{"bbox": [x, y, w, h],
   "score": s}, ...]`` in ORIGINAL image pixels, best first.
@@ -176,6 +177,7 @@ class GLIP(nn.Module):
         num_tokens = tok.input_ids.shape[1]
         stats = {"boxes": 0, "boxes_without_tokens": 0, "spans_dropped": 0, "spans_truncated": 0}
         matches = []
+        loss_mask = tok.attention_mask.clone()
         for b, target in enumerate(targets):
             boxes = torch.as_tensor(target["boxes"], dtype=torch.float32, device=self.device).reshape(-1, 4)
             spans = [[(int(s), int(e)) for s, e in box_spans] for box_spans in target["tokens_positive"]]
@@ -190,13 +192,17 @@ class GLIP(nn.Module):
             # a box whose phrase was truncated away is left out, not taught as "no object"
             matches.append(match_image(outputs.anchors, boxes[has_tokens], positive.map.to(self.device)[has_tokens],
                                        cfg.atss_topk, cfg.legacy_box_plus_one))
+            ignore = [(int(s), int(e)) for s, e in target.get("tokens_ignore", [])]
+            if ignore:   # phrases whose boxes are unknown: neither positive nor negative anywhere
+                unknown = spans_to_positive_map(tok.offsets[b], [ignore], num_tokens, tok.truncated_at[b]).map[0]
+                loss_mask[b] &= ~(unknown & ~positive.map.any(dim=0)).to(loss_mask.dtype)
         self.last_batch_stats = stats
         bsz = len(targets)
         token_logits = torch.cat(head.token_logits, dim=1)
         box_regression = torch.cat([r.permute(0, 2, 3, 1).reshape(bsz, -1, 4) for r in head.box_regression], dim=1)
         centerness = torch.cat([c.reshape(bsz, -1) for c in head.centerness], dim=1)
         return grounding_losses(token_logits, box_regression, centerness, torch.cat(outputs.anchors),
-                                tok.attention_mask.to(self.device), matches, self.box_coder,
+                                loss_mask.to(self.device), matches, self.box_coder,
                                 cfg.focal_alpha, cfg.focal_gamma, cfg.reg_loss_weight)
 
     # ------------------------------------------------------------------ inference

@@ -60,6 +60,8 @@ class DemoOptions:
                                       # measured here: keeps 98% of rare-shape boxes, half the noise)
     pseudo_max_boxes: int = 1         # per phrase: alt-text names one object per phrase
     pseudo_min_score: float = 0.0     # student-side filter (train-student --pseudo-min-score)
+    pseudo_unboxed: str = "negative"  # train-student --pseudo-unboxed (measured: "ignore" loses the negatives
+                                      # the missed phrase gives on the image's other objects)
     eval_batch_size: int = 16
     workers: int = 1                  # Ray Train workers (DDP); 1 is fastest on 2 cores
     cpus_per_worker: int = field(default_factory=lambda: max(1, min(4, os.cpu_count() or 1)))  # torch threads
@@ -116,6 +118,7 @@ def stage_train(o: DemoOptions, world: WorldPaths, out_dir: Path, pseudo_dir: Pa
         lr=o.lr, text_lr=o.text_lr, warmup=o.warmup, workers=o.workers, cpus_per_worker=o.cpus_per_worker,
         checkpoint_every=0, keep=1,
         log_every=max(1, o.steps // 20), seed=o.seed, pseudo_min_score=o.pseudo_min_score,
+        pseudo_unboxed=o.pseudo_unboxed,
     )
     result = train(options)
     return {"steps": result.step, "final_loss": result.final_loss, "samples_per_s": result.samples_per_s,

@@ -74,6 +74,7 @@ class WorldSpec:
     min_side: int = 128
     max_side: int = 192
     max_objects: int = 3
+    crawled_max_objects: int = 2
     rare_shapes: tuple[str, ...] = RARE_SHAPES
     gold_rare_weight: float = 0.04      # relative to 1.0 for each common shape
     crawled_rare_weight: float = 2.5    # rare shapes dominate the web captions
@@ -422,7 +423,7 @@ def generate_world(out_dir: str | Path, spec: WorldSpec = WorldSpec()) -> WorldP
     truth: dict[str, list[dict[str, Any]]] = {}   # never read by a stage: scores pseudo-labels
     shard = 0
     for i in range(spec.crawled_images):
-        n = int(rng.integers(1, min(2, spec.max_objects) + 1))
+        n = int(rng.integers(1, spec.crawled_max_objects + 1))
         jpg, w, h, objects = _draw_scene(_pick_objects(rng, n, spec.crawled_rare_weight, spec, True), rng, spec)
         caption = crawled_caption(objects, rng, spec)
         key = f"{shard:05d}{len(records):04d}"

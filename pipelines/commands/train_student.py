@@ -39,6 +39,10 @@ def main(
     amp: Annotated[bool, typer.Option("--amp", help="bf16 autocast (GPU only).")] = False,
     pseudo_min_score: Annotated[float, typer.Option(
         help="Drop pseudo-label boxes scored below this; a sample left without boxes is skipped.")] = 0.0,
+    pseudo_unboxed: Annotated[str, typer.Option(
+        help="Pseudo-label phrases the teacher found no box for (or whose boxes --pseudo-min-score dropped): "
+             "'negative' teaches them as absent everywhere, as GLIP treats every word of a caption; 'ignore' "
+             "leaves their tokens out of the classification loss (a teacher's miss is not an absence).")] = "negative",
     min_size: Annotated[Optional[int], typer.Option(
         help="Training/inference shorter side in pixels (default: the preset's).")] = None,
     max_size: Annotated[Optional[int], typer.Option(
@@ -72,6 +76,7 @@ def main(
         batch_size=batch_size, lr=lr, text_lr=text_lr, weight_decay=weight_decay, warmup=warmup,
         schedule=schedule, grad_clip=grad_clip, workers=workers, gpus_per_worker=gpus_per_worker,
         cpus_per_worker=cpus_per_worker, amp=amp, pseudo_min_score=pseudo_min_score,
+        pseudo_unboxed=pseudo_unboxed,
         checkpoint_every=checkpoint_every, keep=keep, log_every=log_every,
         eval=[AnnotatedImages.parse(v, "--eval") for v in eval or []], eval_every=eval_every,
         resume=resume, overwrite=overwrite, address=address, seed=seed)

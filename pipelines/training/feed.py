@@ -8,7 +8,7 @@ and the next record of the same source is drawn instead, so the mix ratio holds.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -33,6 +33,7 @@ class TrainExample:
     tokens_positive: list[list[list[int]]]    # per box: [[start, end], ...] into ``caption``
     source: str                               # "gold" | "pseudo" | "detection"
     key: str
+    tokens_ignore: list[list[int]] = field(default_factory=list)   # spans taught neither way (model docstring)
 
 
 def detection_prompt(image: DetectionImage, rng: np.random.Generator, negatives: int | None,
@@ -73,6 +74,17 @@ def detection_prompt(image: DetectionImage, rng: np.random.Generator, negatives:
     return caption, [b for b, _ in kept], [[spans[n]] for _, n in kept]
 
 
+def unboxed_phrase_spans(sample: GroundedSample) -> list[list[int]]:
+    """Spans of the phrases no box grounds (the teacher found nothing above its threshold).
+
+    The teacher missing an object is not evidence the object is absent: taught as negatives
+    everywhere, these phrases would train the student against exactly the teacher's misses.
+    """
+    boxed = [span for b in sample.boxes for span in b.tokens_positive]
+    return [[p.start, p.end] for p in sample.phrases
+            if not any(s < p.end and p.start < e for s, e in boxed)]
+
+
 def _xywh_to_xyxy(boxes: list[list[float]]) -> torch.Tensor:
     t = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
     return torch.cat([t[:, :2], t[:, :2] + t[:, 2:]], dim=1)
@@ -87,11 +99,13 @@ class MixedFeed:
 
     def __init__(self, sources: TrainingSources, weights: dict[str, float], augment: TrainAugment,
                  seed: int, rank: int = 0, world: int = 1, pseudo_min_score: float = 0.0,
-                 detection_negatives: int | None = 8, shuffle_buffer: int = 256, max_tokens: int = 256):
+                 pseudo_unboxed: str = "negative", detection_negatives: int | None = 8, shuffle_buffer: int = 256,
+                 max_tokens: int = 256):
         available = sources.available()
         self.mix = MixSampler({n: w for n, w in weights.items() if available.get(n)}, seed, rank)
         self.sources, self.augment = sources, augment
         self.pseudo_min_score, self.detection_negatives = pseudo_min_score, detection_negatives
+        self.pseudo_unboxed = pseudo_unboxed
         self.counts = {name: StageCounts() for name in self.mix.names}
         self.cursors: dict[str, EpochCursor] = {}
         if sources.gold:
@@ -148,8 +162,11 @@ class MixedFeed:
             except InvalidRecord as exc:
                 counts.skip("invalid_record", sample.key, str(exc))
                 return None
-            return self._example(decoded.image, sample.caption, [b.bbox for b in sample.boxes],
-                                 [b.tokens_positive for b in sample.boxes], source, sample.key, counts)
+            example = self._example(decoded.image, sample.caption, [b.bbox for b in sample.boxes],
+                                    [b.tokens_positive for b in sample.boxes], source, sample.key, counts)
+            if example is not None and self.pseudo_unboxed == "ignore":
+                example.tokens_ignore = unboxed_phrase_spans(sample)
+            return example
 
         index = self.cursors[source].next()
         if source == "gold":

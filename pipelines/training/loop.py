@@ -206,7 +206,8 @@ def run_worker(config: dict[str, Any], ctx: WorkerContext = WorkerContext()) -> 
     cfg = model.config
     augment = TrainAugment(cfg.min_size, cfg.max_size, train=options.augment)
     feed = MixedFeed(config["sources"], options.mix, augment, options.seed, rank, world,
-                     pseudo_min_score=options.pseudo_min_score, detection_negatives=options.detection_negatives,
+                     pseudo_min_score=options.pseudo_min_score, pseudo_unboxed=options.pseudo_unboxed,
+                     detection_negatives=options.detection_negatives,
                      shuffle_buffer=options.shuffle_buffer, max_tokens=cfg.max_query_len)
     start_step = 0
     if state is not None:
@@ -248,7 +249,8 @@ def run_worker(config: dict[str, Any], ctx: WorkerContext = WorkerContext()) -> 
     for step in range(start_step, options.steps):
         batch = feed.next_batch(options.batch_size)
         images = [e.image.to(device, non_blocking=True) for e in batch]
-        targets = [{"boxes": e.boxes.to(device), "tokens_positive": e.tokens_positive} for e in batch]
+        targets = [{"boxes": e.boxes.to(device), "tokens_positive": e.tokens_positive,
+                    "tokens_ignore": e.tokens_ignore} for e in batch]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             losses = train_model(images, [e.caption for e in batch], targets)
         if names is None:

@@ -81,6 +81,7 @@ class TrainOptions:
     cpus_per_worker: float = 1.0
     amp: bool = False                  # bf16 autocast, GPU only
     pseudo_min_score: float = 0.0
+    pseudo_unboxed: str = "negative"   # phrases the teacher found no box for: "negative" (GLIP) or "ignore" (no loss)
     detection_negatives: int = 8       # at most this many absent categories per detection prompt
     shuffle_buffer: int = 256          # pseudo-shard samples held for shuffling, per worker
     checkpoint_every: int = 500
@@ -105,6 +106,8 @@ class TrainOptions:
                 raise InputError(f"{name} must be >= 1 (got {value})")
         if self.warmup < 0 or self.checkpoint_every < 0 or self.eval_every < 0:
             raise InputError("--warmup, --checkpoint-every and --eval-every must be >= 0")
+        if self.pseudo_unboxed not in ("ignore", "negative"):
+            raise InputError(f"--pseudo-unboxed {self.pseudo_unboxed!r}: expected ignore or negative")
         if self.schedule not in ("cosine", "step"):
             raise InputError(f"--schedule {self.schedule!r}: expected cosine or step")
         if not (self.lr > 0 and self.text_lr >= 0):

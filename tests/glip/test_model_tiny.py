@@ -58,6 +58,35 @@ def test_image_without_boxes_gives_finite_losses(tiny):
     losses["loss"].backward()
 
 
+def test_tokens_ignore_takes_unknown_phrases_out_of_the_classification_loss(tiny):
+    """"a red ball and a blue box.": the ball is boxed, "a blue box" (chars 15-25) is unknown; its tokens get
+    no gradient from any anchor, while the ball's tokens and the article of an overlapping ignore span keep theirs."""
+    tiny.train()
+    images, caption = [torch.rand(3, 160, 192)], [CAPTIONS[0]]
+    target = {"boxes": torch.tensor([[10.0, 20, 100, 120]]), "tokens_positive": [[[0, 10]]]}
+    torch.manual_seed(1)
+    outputs = tiny.encode(images, caption)
+    logits = outputs.head.token_logits
+    for level in logits:
+        level.retain_grad()
+    losses = tiny.compute_losses(outputs, [dict(target, tokens_ignore=[[15, 25], [0, 5]])])
+    losses["loss_cls"].backward()
+    grad = torch.cat([level.grad for level in logits], dim=1)[0]          # [anchors, tokens]
+    offsets = outputs.tokenized.offsets[0]
+    blue_box = [i for i, (a, b) in enumerate(offsets) if b > a and a >= 15 and b <= 25]
+    ball = [i for i, (a, b) in enumerate(offsets) if b > a and b <= 10]
+    assert len(blue_box) == 3 and len(ball) == 3                             # a / blue / box, a / red / ball
+    assert grad[:, blue_box].abs().max() == 0
+    assert (grad[:, ball].abs().amax(dim=0) > 0).all()                      # [0, 5] overlaps a positive: kept
+
+    with torch.no_grad():   # the same forward outputs, scored both ways
+        outputs = tiny.encode(images, caption)
+        plain = tiny.compute_losses(outputs, [target])
+        ignored = tiny.compute_losses(outputs, [dict(target, tokens_ignore=[[15, 25]])])
+    assert ignored["loss_cls"] < plain["loss_cls"]                          # three fewer negative columns
+    torch.testing.assert_close(ignored["loss_box"], plain["loss_box"])
+
+
 @pytest.mark.parametrize("impl", ["grid_sample", "torchvision"])
 def test_bfloat16_autocast_forward(impl):
     """Mixed precision (bf16 on GPU for pseudo-labelling) must run: checked with CPU autocast."""

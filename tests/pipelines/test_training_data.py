@@ -235,3 +235,32 @@ def test_feed_skips_unusable_records_and_resumes_exactly(world, pseudo_dir, tmp_
     after_b = b.next_batch(6)
     assert [e.key for e in after_a] == [e.key for e in after_b]
     assert all(torch.equal(x.image, y.image) for x, y in zip(after_a, after_b))
+
+
+def test_feed_leaves_phrases_without_a_kept_box_out_of_the_loss(world, pseudo_dir):
+    """Box j of a test pseudo sample scores 0.9 or 0.3 by parity; at --pseudo-min-score 0.5 the phrases of
+    the dropped boxes are unknown ("ignore"), or negatives as in gold captions ("negative")."""
+    from storage.shards import iter_shard_samples
+    from storage.skips import StageCounts
+
+    records = {s.key: s for s, _ in iter_shard_samples([str(pseudo_dir)], StageCounts())}
+    sources = load_sources([AnnotatedImages(str(world.gold_json), str(world.gold_images))], [], [str(pseudo_dir)])
+    for mode in ("ignore", "negative"):
+        feed = MixedFeed(sources, {"gold": 1.0, "pseudo": 1.0}, small_augment(), seed=0, pseudo_min_score=0.5,
+                         pseudo_unboxed=mode, shuffle_buffer=4)
+        examples = feed.next_batch(40)
+        assert all(e.tokens_ignore == [] for e in examples if e.source == "gold")
+        pseudo = [e for e in examples if e.source == "pseudo"]
+        dropped = 0
+        for e in pseudo:
+            record = records[e.key]
+            expected = [[record.phrases[b.phrase].start, record.phrases[b.phrase].end]
+                        for b in record.boxes if b.score < 0.5]
+            assert e.tokens_ignore == (expected if mode == "ignore" else [])
+            assert not any(s < pe and ps < t for s, t in e.tokens_ignore for span in e.tokens_positive
+                           for ps, pe in span)
+            dropped += len(expected)
+        assert dropped > 0    # the case is exercised
+    with pytest.raises(InputError, match="pseudo-unboxed"):
+        TrainOptions(out="x", gold=[AnnotatedImages(str(world.gold_json), str(world.gold_images))],
+                     pseudo_unboxed="maybe").validate()
