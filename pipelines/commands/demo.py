@@ -14,7 +14,7 @@ def main(
     small: Annotated[bool, typer.Option("--small", help="A small world and a few steps: checks the plumbing "
                                                         "in about a minute, proves nothing.")] = False,
     steps: Annotated[int | None, typer.Option("--steps", help="Optimizer steps for the teacher and the "
-                                              "student alike (default: 1500, or 6 with --small).")] = None,
+                                              "student alike (default: 3000, or 6 with --small).")] = None,
     address: Annotated[str | None, typer.Option("--address", help="Ray cluster to join (default: a local "
                                                 "Ray, or RAY_ADDRESS).")] = None,
 ) -> None:
