@@ -108,9 +108,11 @@ def run(quick: bool) -> str:
                      f"rare pseudo boxes correct {100 * q.get('rare_precision', 0):.0f}%, "
                      f"rare objects found {100 * q.get('rare_recall', 0):.0f}%")
     stages = [k for k in next(iter(reports.values()))["seconds"]]
-    lines += ["", "| seconds per stage | " + " | ".join(stages) + " |", "|---|" + "---:|" * len(stages)]
+    lines += ["", "| seconds per stage | torch threads | " + " | ".join(stages) + " |",
+              "|---|---:|" + "---:|" * len(stages)]
     for seed, r in reports.items():
-        lines.append(f"| seed {seed} | " + " | ".join(f"{r['seconds'].get(k, 0):.0f}" for k in stages) + " |")
+        threads = r.get("options", {}).get("cpus_per_worker", "?")
+        lines.append(f"| seed {seed} | {threads} | " + " | ".join(f"{r['seconds'].get(k, 0):.0f}" for k in stages) + " |")
     d_all = [r["student"]["AP"] - r["teacher"]["AP"] for r in reports.values()]
     d_rare = [r["rare"]["mean"]["student"] - r["rare"]["mean"]["teacher"] for r in reports.values()]
     verdict = (f"**Does the student beat the teacher?** Overall on {sum(d > 0 for d in d_all)} of {len(d_all)} "
