@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -117,7 +118,7 @@ def stage_train(o: DemoOptions, world: WorldPaths, out_dir: Path, pseudo_dir: Pa
         pseudo=[str(pseudo_dir)] if pseudo_dir else [], mix=parse_mix(o.mix if pseudo_dir else None),
         preset="tiny", model_overrides=dict(o.model_overrides), steps=o.steps, batch_size=o.batch_size,
         lr=o.lr, text_lr=o.text_lr, warmup=o.warmup, workers=o.workers, cpus_per_worker=o.cpus_per_worker,
-        checkpoint_every=0, keep=1,
+        checkpoint_every=0, keep=1, overwrite=True,   # a demo re-run starts its models over
         log_every=max(1, o.steps // 20), seed=o.seed, pseudo_min_score=o.pseudo_min_score,
         pseudo_unboxed=o.pseudo_unboxed,
     )
@@ -213,6 +214,8 @@ def run_demo(o: DemoOptions, say: Callable[[str], None] = print) -> DemoReport:
         return value
 
     torch.manual_seed(o.seed)
+    if (out / "world" / "world.json").exists():   # a previous demo's world: no stale shard may survive
+        shutil.rmtree(out / "world")
     world = timed("world", lambda: generate_world(out / "world", o.world))
     counts["world"] = {"images": world.summary["images"], "shapes": world.summary["shapes"]}
     counts["parse"] = timed("parse", lambda: stage_parse(world, out / "phrases"))

@@ -28,3 +28,13 @@ def test_small_demo_end_to_end(ray_session, cli, tmp_path):
         assert f"]({png})" in md
         assert Image.open(out / png).size[0] > 100
     assert "teacher" in r.output and "student" in r.output
+
+    # a second demo into the same folder (another seed, fewer steps) replaces the first one's results;
+    # a shard left over from an older, larger world is not read
+    (out / "world" / "crawled" / "00099.tar").write_bytes(b"left over")
+    r = cli("demo", "--small", "--out", out, "--seed", "2", "--steps", "3")
+    assert r.exit_code == 0, r.output
+    again = json.loads((out / "report.json").read_text())
+    assert again["options"]["seed"] == 2 and again["counts"]["student"]["steps"] == 3
+    assert json.loads((out / "world" / "world.json").read_text())["spec"]["seed"] == 2
+    assert not (out / "world" / "crawled" / "00099.tar").exists() and again["counts"]["pseudo"]["images"] == 48
