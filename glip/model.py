@@ -8,7 +8,8 @@ Public API (the other packages call only this):
   ``loss_centerness``. ``images``: list of float RGB tensors [3, H, W] in [0, 1] (already resized); ``targets``:
   per image ``{"boxes": FloatTensor[N, 4] xyxy pixels of that tensor, "tokens_positive": per box [[start, end], ...]}``
   and optionally ``"tokens_ignore": [[start, end], ...]``: caption spans whose boxes are unknown (a pseudo-label's
-  phrase the teacher found nothing for); their tokens get no classification loss, rather than "absent". Without targets it returns the raw ``GLIPOutputs``.
+  phrase the teacher found nothing for); their tokens get no classification loss, rather than "absent".
+  Without targets it returns the raw ``GLIPOutputs``.
 - ``model.prepare_image(pil) -> Tensor[3, h, w]`` (resized per config, RGB [0, 1]).
 - ``model.ground(images, captions, phrase_spans, ...)`` -> per image, per phrase, ``[{"bbox": [x, y, w, h],
   "score": s}, ...]`` in ORIGINAL image pixels, best first.

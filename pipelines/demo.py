@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -214,8 +213,6 @@ def run_demo(o: DemoOptions, say: Callable[[str], None] = print) -> DemoReport:
         return value
 
     torch.manual_seed(o.seed)
-    if (out / "world" / "world.json").exists():   # a previous demo's world: no stale shard may survive
-        shutil.rmtree(out / "world")
     world = timed("world", lambda: generate_world(out / "world", o.world))
     counts["world"] = {"images": world.summary["images"], "shapes": world.summary["shapes"]}
     counts["parse"] = timed("parse", lambda: stage_parse(world, out / "phrases"))

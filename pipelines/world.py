@@ -33,6 +33,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import shutil
 import tarfile
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -399,10 +400,15 @@ def _count_shapes(objects: list[WorldObject], counts: dict[str, int]) -> None:
 def generate_world(out_dir: str | Path, spec: WorldSpec = WorldSpec()) -> WorldPaths:
     """Write gold, crawled and eval sets under ``out_dir``; same ``spec`` -> same bytes.
 
+    A world already in ``out_dir`` (it has ``world.json``) is removed first, so no file of an
+    older, larger world (a crawled shard the new one does not have) survives to be read.
+
     Each split draws from its own generator seeded by (``spec.seed``, split), so changing
     the size of one split never changes the others.
     """
     root = Path(out_dir)
+    if (root / "world.json").exists():
+        shutil.rmtree(root)
     paths = WorldPaths(root=root, gold_json=root / "gold" / "mdetr_gold.json", gold_images=root / "gold" / "images",
                        crawled_dir=root / "crawled", eval_coco_json=root / "eval" / "coco_eval.json",
                        eval_grounding_json=root / "eval" / "mdetr_eval.json", eval_images=root / "eval" / "images",
