@@ -2,7 +2,11 @@
 
 Sources: pseudo-label shards (tars, or folders of tars), MDETR GoldG JSON, COCO
 detection JSON and ODVG JSONL; a JSON/JSONL path may carry its image root as
-``ANN.json=IMAGE_DIR`` (needed only to find the images, e.g. for rendering).
+``ANN.json=IMAGE_DIR`` (needed only to find the images, e.g. for rendering). Every path
+may be a URI (``storage.fs``). A folder written by a stage gives the tars its manifest
+commits; a tar with a label table beside it (``LABEL_SCHEMA``, written by ``ShardWriter``)
+is read from that table, so a summary or a filter of millions of samples never reads
+the images.
 
 Two shapes, both streamed batch by batch so memory does not grow with the number
 of shards:
@@ -20,17 +24,19 @@ are clipped).
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
+from storage import fs
 from storage.errors import InputError
 from storage.records import GroundedSample
-from storage.shards import IMAGE_EXTENSIONS, list_shard_files
+from storage.shards import IMAGE_EXTENSIONS, labels_name, list_shard_files
 from storage.skips import StageCounts
 from storage.tar_members import iter_tar_groups
 
@@ -46,6 +52,10 @@ SAMPLE_SCHEMA = pa.schema([
     ("phrases", pa.list_(PHRASE)), ("boxes", pa.list_(BOX)),
 ])
 
+# The label table beside each tar: the samples of that tar without images ("file" is the
+# view's column, filled in on reading with the tar's full path).
+LABEL_SCHEMA = pa.schema([f for f in SAMPLE_SCHEMA if f.name != "file"])
+
 BOX_SCHEMA = pa.schema([
     ("key", pa.string()), ("box_index", pa.int32()), ("phrase", pa.string()), ("bbox", BBOX),
     ("score", pa.float64()), ("source", pa.string()), ("file", pa.string()),
@@ -56,10 +66,29 @@ BOX_SCHEMA = pa.schema([
 
 @dataclass(frozen=True)
 class ViewSource:
-    """One input of the view: ``kind`` is "shard", "json" (MDETR or COCO) or "odvg"."""
+    """One input of the view: ``kind`` is "shard", "json" (MDETR or COCO) or "odvg".
+
+    ``labels``: a shard's label table, when it has one (read instead of the tar's JSON).
+    """
     kind: str
     path: str
     image_root: str | None = None
+    labels: str | None = None
+
+
+def _shard_sources(path: str) -> list[ViewSource]:
+    """The tars of a folder or tar path, each with its label table when the writer made one."""
+    from storage.manifest import Manifest
+
+    tars = list_shard_files([path])
+    manifest = Manifest.load(path) if fs.is_dir(path) else None
+    if manifest is not None:   # label tables the manifest commits: no request per tar
+        committed = {fs.join(path, n) for e in manifest.shards.values() if e.get("status") == "done"
+                     for n in e.get("labels") or []}
+        return [ViewSource("shard", t, labels=labels_name(t) if labels_name(t) in committed else None)
+                for t in tars]
+    return [ViewSource("shard", t, labels=labels_name(t) if fs.exists(labels_name(t)) else None)
+            for t in tars]
 
 
 def resolve_sources(paths: list[str]) -> list[ViewSource]:
@@ -71,18 +100,24 @@ def resolve_sources(paths: list[str]) -> list[ViewSource]:
         raise InputError("no input paths given")
     out: list[ViewSource] = []
     for raw in paths:
-        path, root = Path(raw), None
-        if not path.exists() and "=" in raw:
-            left, right = raw.rsplit("=", 1)
-            path, root = Path(left), right
-        if not path.exists():
+        path, root = fs.normalize(raw), None
+        try:
+            there = fs.exists(path)
+            if not there and "=" in raw:
+                left, right = raw.rsplit("=", 1)
+                path, root = fs.normalize(left), fs.normalize(right)
+                there = fs.exists(path)
+        except OSError as exc:
+            raise InputError(f"{raw}: cannot be read ({exc})") from None
+        if not there:
             raise InputError(f"{path}: no such file or folder")
-        if path.is_dir() or path.suffix == ".tar":
-            out.extend(ViewSource("shard", str(p)) for p in list_shard_files([path]))
-        elif path.suffix == ".json":
-            out.append(ViewSource("json", str(path), root))   # MDETR or COCO: decided on reading
-        elif path.suffix == ".jsonl":
-            out.append(ViewSource("odvg", str(path), root))
+        suffix = fs.suffix_of(path)
+        if suffix == ".tar" or fs.is_dir(path):
+            out.extend(_shard_sources(path))
+        elif suffix == ".json":
+            out.append(ViewSource("json", path, root))   # MDETR or COCO: decided on reading
+        elif suffix == ".jsonl":
+            out.append(ViewSource("odvg", path, root))
         else:
             raise InputError(f"{path}: not a shard (.tar), MDETR/COCO (.json) or ODVG (.jsonl) file")
     return out
@@ -94,12 +129,12 @@ def manifest_totals(paths: list[str]) -> dict[str, Any] | None:
 
     totals: dict[str, Any] | None = None
     for raw in paths:
-        p = Path(raw)
-        if not p.is_dir():
-            continue
+        p = fs.normalize(raw)
         try:
+            if not fs.is_dir(p):
+                continue
             m = Manifest.load(p)
-        except ValueError:
+        except (ValueError, OSError):
             continue
         if m is None:
             continue
@@ -142,7 +177,7 @@ def _sample_dicts(src: ViewSource, counts: StageCounts, with_images: bool = Fals
         image = None
         if with_images and sample.extra.get("image_path"):
             try:
-                image = Path(sample.extra["image_path"]).read_bytes()
+                image = fs.read_bytes(sample.extra["image_path"])
             except OSError:
                 counts.skip("missing_image", f"{src.path} key {sample.key}", sample.extra["image_path"])
                 continue
@@ -310,6 +345,12 @@ def iter_sample_batches(paths: list[str], counts: StageCounts, batch_size: int =
     """
     cols = _Columns()
     for src in resolve_sources(paths):
+        if src.labels is not None:
+            if len(cols):
+                yield cols.to_batch()
+                cols = _Columns()
+            yield from _label_batches(src, counts, batch_size)
+            continue
         for d, _ in _sample_dicts(src, counts):
             if cols.add(d, src.path, counts):
                 counts.written += 1
@@ -318,6 +359,41 @@ def iter_sample_batches(paths: list[str], counts: StageCounts, batch_size: int =
                 cols = _Columns()
     if len(cols):
         yield cols.to_batch()
+
+
+def _label_batches(src: ViewSource, counts: StageCounts, batch_size: int) -> Iterator[pa.RecordBatch]:
+    """SAMPLE_SCHEMA batches of a tar's label table (validated when it was written)."""
+    try:
+        pf = pq.ParquetFile(fs.open_input_file(src.labels))
+        for batch in pf.iter_batches(batch_size=batch_size, columns=LABEL_SCHEMA.names):
+            n = batch.num_rows
+            counts.read += n
+            counts.written += n
+            columns = [batch.column(name).cast(field.type) for name, field in zip(LABEL_SCHEMA.names, LABEL_SCHEMA)]
+            columns.insert(SAMPLE_SCHEMA.names.index("file"), pa.array([src.path] * n, pa.string()))
+            yield pa.RecordBatch.from_arrays(columns, schema=SAMPLE_SCHEMA)
+    except (OSError, pa.ArrowInvalid) as exc:
+        counts.skip("unreadable_labels", src.labels, str(exc))
+
+
+def write_labels(path: str | os.PathLike, samples: list[dict[str, Any]], file: str = "") -> str:
+    """Write the label table (LABEL_SCHEMA) of ``samples`` (grounded-sample dicts) to ``path``.
+
+    Returns the sha256 of the bytes written. The samples pass the view's own checks, so
+    reading the table gives the rows reading the tar would.
+    """
+    import hashlib
+
+    cols = _Columns()
+    counts = StageCounts()
+    for d in samples:
+        cols.add(d, file, counts)
+    table = pa.Table.from_batches([cols.to_batch()], SAMPLE_SCHEMA).drop_columns(["file"])
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    data = sink.getvalue().to_pybytes()
+    fs.write_bytes(path, data)
+    return hashlib.sha256(data).hexdigest()
 
 
 def explode_boxes(batch: pa.RecordBatch) -> pa.RecordBatch:

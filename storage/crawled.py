@@ -16,8 +16,11 @@ Layouts understood:
 - img2dataset ``webdataset`` mode: ``NNNNN.tar`` holding ``{key}.jpg``, ``{key}.txt``
   (the caption) and ``{key}.json`` (url, key, width, height, status, ...), with
   ``NNNNN.parquet`` and ``NNNNN_stats.json`` beside it. The tar is the shard; the
-  Parquet beside it is metadata of the same rows (failed downloads included) and
-  is not read as a shard of its own.
+  Parquet beside it (the *sidecar*) is metadata of the same rows, failed downloads
+  included, and is not a shard of its own. Reading captions only (``with_images=False``)
+  reads the sidecar when there is one: a few percent of the tar's bytes. Its rows whose
+  ``status`` is not ``success`` are the failed downloads the tar does not hold; they are
+  passed over (neither read nor skipped), so both ways give the same records and indices.
 - img2dataset ``parquet`` mode: ``NNNNN.parquet`` with columns url, key, caption,
   status, width, height and the image bytes in ``jpg``; rows whose ``status`` is
   not ``success`` are skipped (``download_failed``).
@@ -34,9 +37,9 @@ from __future__ import annotations
 import json
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterator
 
+from storage import fs
 from storage.errors import InputError
 from storage.skips import StageCounts
 from storage.tar_members import iter_tar_groups
@@ -50,15 +53,22 @@ KINDS = ("img2dataset_tar", "parquet", "jsonl")
 class CrawledShard:
     """One input shard. Picklable: Ray tasks receive it and read the file themselves."""
     name: str              # stable and unique among the inputs of one run, e.g. "00000"
-    path: str
+    path: str              # absolute local path or URI (storage.fs)
     kind: str              # one of KINDS
     caption_field: str = "caption"
     key_field: str = "key"
     url_field: str = "url"
+    sidecar: str = ""      # img2dataset_tar: the Parquet beside the tar, when there is one
+
+    def to_dict(self) -> dict[str, str]:
+        return {"name": self.name, "path": self.path, "kind": self.kind, "caption_field": self.caption_field,
+                "key_field": self.key_field, "url_field": self.url_field, "sidecar": self.sidecar}
 
     def iter_records(self, counts: StageCounts, with_images: bool = False) -> Iterator[dict[str, Any]]:
         """Stream the shard's usable records; see the module docstring for the dict shape."""
-        if self.kind == "img2dataset_tar":
+        if self.kind == "img2dataset_tar" and self.sidecar and not with_images:
+            yield from self._iter_parquet(counts, False, path=self.sidecar, failed_rows_are_absent=True)
+        elif self.kind == "img2dataset_tar":
             yield from self._iter_tar(counts, with_images)
         elif self.kind == "parquet":
             yield from self._iter_parquet(counts, with_images)
@@ -100,13 +110,17 @@ class CrawledShard:
                 yield record
 
     # -- Parquet (img2dataset parquet mode, or any Parquet with a caption column) ----
-    def _iter_parquet(self, counts: StageCounts, with_images: bool) -> Iterator[dict[str, Any]]:
+    def _iter_parquet(self, counts: StageCounts, with_images: bool, path: str | None = None,
+                      failed_rows_are_absent: bool = False) -> Iterator[dict[str, Any]]:
+        """Rows of a Parquet file; ``failed_rows_are_absent``: an img2dataset sidecar, whose
+        failed downloads are not records of the shard (they are not in its tar)."""
         import pyarrow.parquet as pq
 
+        path = path or self.path
         try:
-            pf = pq.ParquetFile(self.path)
+            pf = pq.ParquetFile(fs.open_input_file(path))
         except Exception as exc:   # pyarrow raises ArrowInvalid/OSError for a corrupt file
-            counts.skip("unreadable_parquet", self.path, str(exc))
+            counts.skip("unreadable_parquet", path, str(exc))
             return
         names = set(pf.schema_arrow.names)
         image_col = next((c for c in IMAGE_COLUMNS if c in names), None) if with_images else None
@@ -118,16 +132,18 @@ class CrawledShard:
                 cols = batch.to_pydict()
                 for i in range(batch.num_rows):
                     row = {c: cols[c][i] for c in wanted}
+                    if failed_rows_are_absent and row.get("status", "success") != "success":
+                        continue
                     counts.read += 1
-                    yield from self._row_record(row, index, image_col, with_images, counts)
+                    yield from self._row_record(row, index, image_col, with_images, counts, path)
                     index += 1
         except Exception as exc:   # a corrupt page mid-file: keep what was read
-            counts.skip("unreadable_parquet", self.path, f"at row {index}: {exc}")
+            counts.skip("unreadable_parquet", path, f"at row {index}: {exc}")
 
     # -- JSONL ------------------------------------------------------------------------
     def _iter_jsonl(self, counts: StageCounts, with_images: bool) -> Iterator[dict[str, Any]]:
-        with open(self.path, "rb") as fh:
-            for index, line in enumerate(fh):
+        with fs.open_input_stream(self.path) as raw:
+            for index, line in enumerate(_lines(raw)):
                 if not line.strip():
                     continue
                 counts.read += 1
@@ -145,10 +161,10 @@ class CrawledShard:
 
     # -- shared -------------------------------------------------------------------------
     def _row_record(self, row: dict[str, Any], index: int, image_col: str | None,
-                    with_images: bool, counts: StageCounts) -> Iterator[dict[str, Any]]:
+                    with_images: bool, counts: StageCounts, path: str | None = None) -> Iterator[dict[str, Any]]:
         key = row.get(self.key_field)
         key = str(key) if key not in (None, "") else f"{self.name}-{index:07d}"
-        where = f"{self.path} key {key}"
+        where = f"{path or self.path} key {key}"
         status = row.get("status")
         if status is not None and status != "success":
             counts.skip("download_failed", where, str(status))
@@ -168,11 +184,11 @@ class CrawledShard:
             yield record
 
     def _read_image_path(self, rel: str, counts: StageCounts, where: str) -> bytes | None:
-        path = Path(rel) if Path(rel).is_absolute() else Path(self.path).parent / rel
+        path = rel if fs.is_remote(rel) or rel.startswith("/") else fs.join(fs.parent_of(self.path), rel)
         try:
-            return path.read_bytes()
-        except OSError:
-            counts.skip("missing_image", where, str(path))
+            return fs.read_bytes(path)
+        except OSError:     # FileNotFoundError included
+            counts.skip("missing_image", where, path)
             return None
 
     def _record(self, key: Any, caption: Any, url: Any, width: Any, height: Any, index: int,
@@ -203,37 +219,57 @@ def _positive_int(v: Any) -> int | None:
     return v if v > 0 else None
 
 
-def _is_stats_or_hidden(p: Path) -> bool:
-    return p.name.startswith((".", "_")) or p.stem.endswith("_stats")
+def _lines(fh) -> Iterator[bytes]:
+    """Lines of a binary stream (pyarrow streams have no line iteration of their own)."""
+    rest = b""
+    while chunk := fh.read(1 << 20):
+        rest += chunk
+        *lines, rest = rest.split(b"\n")
+        yield from lines
+    if rest:
+        yield rest
 
 
-def _files_of(path: Path) -> list[tuple[Path, str]]:
-    """The shard files of one input path, with their kind."""
-    if path.is_file():
-        suffix = "".join(path.suffixes[-1:]).lower()
-        kind = {".tar": "img2dataset_tar", ".parquet": "parquet", ".jsonl": "jsonl"}.get(suffix)
+def _is_stats_or_hidden(name: str) -> bool:
+    return name.startswith((".", "_")) or fs.stem_of(name).endswith("_stats")
+
+
+_KIND_OF_SUFFIX = {".tar": "img2dataset_tar", ".parquet": "parquet", ".jsonl": "jsonl"}
+
+
+def _files_of(path: str) -> list[tuple[str, str, str]]:
+    """The shard files of one input path: ``(path, kind, sidecar)``."""
+    if fs.is_file(path):
+        kind = _KIND_OF_SUFFIX.get(fs.suffix_of(path))
         if kind is None:
             raise InputError(f"{path}: not a crawled shard (expected .tar, .parquet or .jsonl)")
-        return [(path, kind)]
-    files = sorted(p for p in path.iterdir() if p.is_file() and not _is_stats_or_hidden(p))
-    tar_stems = {p.stem for p in files if p.suffix == ".tar"}
+        sidecar = ""
+        if kind == "img2dataset_tar":
+            beside = path[: -len(".tar")] + ".parquet"
+            sidecar = beside if fs.is_file(beside) else ""
+        return [(path, kind, sidecar)]
+    files = [e for e in fs.list_dir(path) if not e.is_dir and not _is_stats_or_hidden(e.name)]
+    by_name = {e.name: e for e in files}
+    tar_stems = {e.name[:-4] for e in files if e.name.endswith(".tar")}
     out = []
-    for p in files:
-        if p.suffix == ".tar":
-            out.append((p, "img2dataset_tar"))
-        elif p.suffix == ".parquet" and p.stem not in tar_stems:   # beside a tar = its metadata
-            out.append((p, "parquet"))
-        elif p.suffix == ".jsonl":
-            out.append((p, "jsonl"))
+    for e in files:
+        suffix = fs.suffix_of(e.name)
+        if suffix == ".tar":
+            side = by_name.get(e.name[:-4] + ".parquet")
+            out.append((e.path, "img2dataset_tar", side.path if side else ""))
+        elif suffix == ".parquet" and e.name[: -len(".parquet")] not in tar_stems:   # beside a tar = its sidecar
+            out.append((e.path, "parquet", ""))
+        elif suffix == ".jsonl":
+            out.append((e.path, "jsonl", ""))
     return out
 
 
-def _check_columns(path: Path, caption_field: str) -> None:
+def _check_columns(path: str, caption_field: str) -> None:
     """Fail early (exit 2) when a readable Parquet file lacks the caption column."""
     import pyarrow.parquet as pq
 
     try:
-        names = pq.read_schema(path).names
+        names = pq.read_schema(fs.open_input_file(path)).names
     except Exception:
         return   # unreadable: the shard counts it as a skip when read
     if caption_field not in names:
@@ -243,36 +279,41 @@ def _check_columns(path: Path, caption_field: str) -> None:
 
 def discover_crawled_shards(inputs: list[str], caption_field: str = "caption", key_field: str = "key",
                             url_field: str = "url") -> list[CrawledShard]:
-    """Every shard under ``inputs`` (files or folders), in a stable order.
+    """Every shard under ``inputs`` (files or folders, local paths or URIs), in a stable order.
 
     Names are file stems ("00000"); when two inputs hold the same stem the parent
-    folder's name is prefixed ("laion_00000") so names stay unique. Raises
-    ``InputError`` for a missing path, a folder with no shard, or (first Parquet file of
-    each input) no caption column.
+    folder's name is prefixed ("laion_00000") so names stay unique. Paths come back
+    normalized (absolute, or the URI). Raises ``InputError`` for a missing path, a folder
+    with no shard, or (first Parquet file of each input) no caption column.
     """
     if not inputs:
         raise InputError("no input paths given")
-    found: list[tuple[Path, str]] = []
+    found: list[tuple[str, str, str]] = []
     for raw in inputs:
-        path = Path(raw)
-        if not path.exists():
-            raise InputError(f"{path}: no such file or folder")
+        path = fs.normalize(raw)
+        try:
+            there = fs.exists(path)
+        except OSError as exc:      # bad credentials, unknown bucket, unreachable endpoint
+            raise InputError(f"{raw}: cannot be read ({exc})") from None
+        if not there:
+            raise InputError(f"{raw}: no such file or folder")
         files = _files_of(path)
         if not files:
-            raise InputError(f"{path}: no crawled shards found (.tar, .parquet or .jsonl)")
+            raise InputError(f"{raw}: no crawled shards found (.tar, .parquet or .jsonl)")
         # one footer per input, not per shard: a wrong --caption-field shows on the first file,
         # and a later file without the column still only yields counted missing_caption skips
-        first_parquet = next((p for p, kind in files if kind == "parquet"), None)
+        first_parquet = next((p for p, kind, _ in files if kind == "parquet"), None)
         if first_parquet is not None:
             _check_columns(first_parquet, caption_field)
         found.extend(files)
-    stems = [p.name.split(".")[0] for p, _ in found]
+    stems = [fs.stem_of(p) for p, _, _ in found]
     stem_count = Counter(stems)
-    names = [s if stem_count[s] == 1 else f"{p.parent.name}_{s}" for s, (p, _) in zip(stems, found)]
+    names = [s if stem_count[s] == 1 else f"{fs.name_of(fs.parent_of(p))}_{s}"
+             for s, (p, _, _) in zip(stems, found)]
     name_count, seen = Counter(names), Counter()
     unique = []
     for n in names:   # same folder name twice: number them, in input order
         seen[n] += 1
         unique.append(n if name_count[n] == 1 else f"{n}_{seen[n]}")
-    return [CrawledShard(name, str(p), kind, caption_field, key_field, url_field)
-            for name, (p, kind) in zip(unique, found)]
+    return [CrawledShard(name, p, kind, caption_field, key_field, url_field, sidecar)
+            for name, (p, kind, sidecar) in zip(unique, found)]

@@ -6,13 +6,13 @@ width, height, source_shard, source_index``. Phrase spans are character offsets 
 """
 from __future__ import annotations
 
-from pathlib import Path
+import os
 from typing import Any, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from storage.atomic import atomic_path
+from storage import fs
 
 PHRASE_STRUCT = pa.struct([
     ("text", pa.string()),
@@ -41,35 +41,33 @@ def _normalise(row: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def write_phrase_file(path: str | Path, rows: list[dict[str, Any]]) -> None:
+def write_phrase_file(path: str | os.PathLike, rows: list[dict[str, Any]]) -> None:
     """Write ``rows`` (dicts with PHRASE_SCHEMA's columns) to ``path`` atomically.
 
     An empty ``rows`` still writes a valid file with the schema, so a shard whose
     every caption was skipped is visibly done.
     """
-    table = pa.Table.from_pylist([_normalise(r) for r in rows], schema=PHRASE_SCHEMA)
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp, compression="zstd")
+    write_phrase_table(path, pa.Table.from_pylist([_normalise(r) for r in rows], schema=PHRASE_SCHEMA))
 
 
-def read_phrase_file(path: str | Path) -> pa.Table:
+def read_phrase_file(path: str | os.PathLike) -> pa.Table:
     """The whole phrase file as a table with PHRASE_SCHEMA."""
-    return pq.read_table(path, schema=PHRASE_SCHEMA)
+    return pq.read_table(fs.open_input_file(path), schema=PHRASE_SCHEMA)
 
 
-def iter_phrase_rows(path: str | Path, batch_size: int = 2048) -> Iterator[dict[str, Any]]:
+def iter_phrase_rows(path: str | os.PathLike, batch_size: int = 2048) -> Iterator[dict[str, Any]]:
     """Stream the rows of a phrase file as dicts (one record batch in memory at a time)."""
-    pf = pq.ParquetFile(path)
+    pf = pq.ParquetFile(fs.open_input_file(path))
     for batch in pf.iter_batches(batch_size=batch_size):
         yield from batch.to_pylist()
 
 
-def write_phrase_table(path: str | Path, table: pa.Table) -> None:
+def write_phrase_table(path: str | os.PathLike, table: pa.Table) -> None:
     """Write an Arrow table already in PHRASE_SCHEMA to ``path`` atomically.
 
     The columnar twin of ``write_phrase_file`` for producers that hold Arrow batches
     (parse-captions): no round trip through Python dicts.
     """
     table = table.select(PHRASE_SCHEMA.names).cast(PHRASE_SCHEMA)
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp, compression="zstd")
+    with fs.open_output(path) as fh:
+        pq.write_table(table, fh, compression="zstd")

@@ -22,6 +22,7 @@ import zlib
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
+from storage import fs
 from storage.skips import StageCounts
 
 BLOCK = 512
@@ -133,16 +134,28 @@ def _ustar_members(fh: BinaryIO, wanted_name) -> Iterator[tuple[str, bytes | Non
             yield name, data[:size]
         else:
             if padded:
-                fh.seek(padded, 1)   # past the end of a cut file: the next header read fails
+                _skip(fh, padded)    # past the end of a cut file: the next header read fails
             if kind in _REGULAR:
                 yield name, None
+
+
+def _skip(fh: BinaryIO, n: int) -> None:
+    """Move ``n`` bytes ahead: a seek on local files, reading past on object-store streams."""
+    if fh.seekable():
+        fh.seek(n, 1)
+        return
+    while n > 0:
+        chunk = fh.read(min(n, 1 << 20))
+        if not chunk:
+            return
+        n -= len(chunk)
 
 
 def _tarfile_members(path: str, wanted_name) -> Iterator[tuple[str, bytes | None]]:
     """The same as ``_ustar_members`` through ``tarfile`` (other tar flavours, compression)."""
     current: str | None = None   # the member being read when the file breaks
     try:
-        with tarfile.open(path, mode="r|*") as tar:
+        with fs.open_input_stream(path) as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
             for member in tar:
                 current = None
                 if not member.isfile():
@@ -162,13 +175,37 @@ def _tarfile_members(path: str, wanted_name) -> Iterator[tuple[str, bytes | None
 
 
 def _members(path: str, wanted_name) -> Iterator[tuple[str, bytes | None]]:
-    with open(path, "rb", buffering=1 << 20) as fh:
+    with fs.open_input_stream(path) as fh:
         first = fh.read(BLOCK)
-        fh.seek(0)
         if len(first) == BLOCK and first[257:262] == b"ustar":
-            yield from _ustar_members(fh, wanted_name)
+            yield from _ustar_members(_Rewound(first, fh), wanted_name)
             return
     yield from _tarfile_members(path, wanted_name)
+
+
+class _Rewound:
+    """A stream whose first bytes were already read (to sniff the format), put back in front.
+
+    Object-store streams cannot seek back to 0; local files could, but one code path is simpler.
+    """
+
+    def __init__(self, head: bytes, fh: BinaryIO):
+        self._head = head
+        self._fh = fh
+
+    def read(self, n: int) -> bytes:
+        if not self._head:
+            return self._fh.read(n)
+        data, self._head = self._head[:n], self._head[n:]
+        if len(data) < n:
+            data += self._fh.read(n - len(data))
+        return data
+
+    def seekable(self) -> bool:
+        return not self._head and self._fh.seekable()
+
+    def seek(self, n: int, whence: int = 0) -> None:
+        self._fh.seek(n, whence)
 
 
 def iter_tar_groups(path: str | Path, counts: StageCounts,
@@ -199,7 +236,7 @@ def iter_tar_groups(path: str | Path, counts: StageCounts,
                     yield key, group
                 key, group = k, {}
             group[ext] = data
-    except OSError as exc:
+    except (OSError, FileNotFoundError) as exc:   # pyarrow raises OSError for a missing object too
         counts.skip("unreadable_tar", path, str(exc))
         return
     except CorruptTar as exc:

@@ -75,6 +75,7 @@ def test_truncated_tar_keeps_what_came_before(tmp_path, img2dataset_folder):
     tar = root / "00000.tar"
     data = tar.read_bytes()
     tar.write_bytes(data[: len(data) // 2 + 100])
+    (root / "00000.parquet").unlink()      # no sidecar: captions come from the tar itself
     recs, counts = read_all(discover_crawled_shards([str(root)]))
     assert 0 < len(recs) < 3
     assert counts.skipped["truncated_tar"] == 1
@@ -106,6 +107,23 @@ def test_missing_path_empty_folder_and_wrong_column_are_input_errors(tmp_path):
     pq.write_table(pa.table({"text": ["x"]}), tmp_path / "t.parquet")
     with pytest.raises(InputError, match="no caption column 'caption'"):
         discover_crawled_shards([str(tmp_path / "t.parquet")])
+
+
+def test_captions_come_from_the_parquet_sidecar_with_the_same_records(tmp_path, img2dataset_folder):
+    root = img2dataset_folder(tmp_path / "crawl", CAPS, failed_per_shard=2)
+    shards = discover_crawled_shards([str(root)])
+    assert [s.sidecar for s in shards] == [str(root / "00000.parquet"), str(root / "00001.parquet")]
+    from_sidecar, sidecar_counts = read_all(shards)
+    no_sidecar = [CrawledShard(**{**s.to_dict(), "sidecar": ""}) for s in shards]
+    from_tar, tar_counts = read_all(no_sidecar)
+    assert from_sidecar == from_tar                 # keys, captions, urls, sizes, source_index
+    assert sidecar_counts.to_dict() == tar_counts.to_dict()   # failed downloads are not records
+    # proof the sidecar was read: break the tars, the captions are still all there
+    for s in shards:
+        with open(s.path, "r+b") as fh:
+            fh.truncate(100)
+    again, counts = read_all(shards)
+    assert again == from_sidecar and not counts.skipped
 
 
 def test_same_stem_in_two_folders_gets_unique_names(tmp_path, img2dataset_folder):

@@ -23,7 +23,11 @@ def write_shards(out, make_sample, make_jpeg, n=5, max_samples=2, name="00000"):
 def test_round_trip_and_size_cap(tmp_path, make_sample, make_jpeg):
     samples, w = write_shards(tmp_path, make_sample, make_jpeg, n=5, max_samples=2)
     assert w.outputs == ["00000-00000.tar", "00000-00001.tar", "00000-00002.tar"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == w.outputs   # no temp files
+    assert w.labels == [o[:-4] + ".labels.parquet" for o in w.outputs]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(w.outputs + w.labels)   # no temp files
+    assert set(w.checksums) == set(w.outputs + w.labels)
+    import hashlib
+    assert w.checksums[w.outputs[0]] == hashlib.sha256((tmp_path / w.outputs[0]).read_bytes()).hexdigest()
     counts = StageCounts()
     back = list(iter_shard_samples([str(tmp_path)], counts))
     assert [s.to_dict() for s, _ in back] == [s.to_dict() for s in samples]
@@ -33,7 +37,7 @@ def test_round_trip_and_size_cap(tmp_path, make_sample, make_jpeg):
 
 def test_keys_with_dots_and_slashes_survive(tmp_path, make_sample, make_jpeg):
     s = make_sample("goldg/flickr/123.jpg/4")
-    with ShardWriter(tmp_path, "g") as w:
+    with ShardWriter(tmp_path, "g", labels=False) as w:
         w.write(s, make_jpeg())
     names = tarfile.open(tmp_path / "g-00000.tar").getnames()
     assert names == ["goldg_flickr_123_jpg_4.jpg", "goldg_flickr_123_jpg_4.json"]
