@@ -26,14 +26,22 @@ def setup_logging(verbose: bool = False) -> None:
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
     """Join ``address`` (or RAY_ADDRESS) or start a local Ray; reuse one already running.
 
-    Returns True when this call started Ray (the caller may shut it down).
+    The storage environment of this process (``storage.fs.worker_environment``: AWS endpoint,
+    credentials, region) goes to every worker of the job, so a task on any node resolves
+    ``s3://`` paths exactly as the driver does. Returns True when this call started Ray
+    (the caller may shut it down).
     """
     import ray
+
+    from storage.fs import worker_environment
 
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS") or None
     kwargs = {"address": address} if address else {"num_cpus": num_cpus}
+    env = worker_environment()
+    if env:
+        kwargs["runtime_env"] = {"env_vars": env}
     ray.init(log_to_driver=False, include_dashboard=False, configure_logging=False,
              ignore_reinit_error=True, **kwargs)
     return True
