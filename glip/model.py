@@ -211,18 +211,29 @@ class GLIP(nn.Module):
     def ground(self, images: Sequence, captions: Sequence[str], phrase_spans: Sequence[Sequence[tuple[int, int]]], *,
                threshold: float | None = None, nms_threshold: float | None = None,
                max_per_phrase: int | None = None,
-               image_sizes: Sequence[tuple[int, int]] | None = None) -> list[list[list[dict]]]:
+               image_sizes: Sequence[tuple[int, int]] | None = None,
+               autocast_dtype: torch.dtype | None = None) -> list[list[list[dict]]]:
         """Ground each caption's phrases in its image.
+
+        The images are run as ONE batch, zero-padded to the largest (as the official model): an image's boxes
+        depend on its neighbours' sizes unless all share one ``padded_shape`` (``labeling.teacher.GLIPTeacher``
+        groups them so).
 
         Args:
             images: PIL images (resized here) or tensors from ``prepare_image`` (then ``image_sizes`` gives each
                 original (width, height); without it the tensor size is taken as the original).
             captions: one caption per image.
             phrase_spans: per caption a list of (start, end) character spans, end exclusive.
-            threshold: minimum final score to report (default: none beyond the official pre-NMS
-                ``config.score_threshold`` on the phrase score).
+            threshold: None: the official rule (pre-NMS ``config.score_threshold`` on the phrase score,
+                ``config.pre_nms_top_n`` per level, the best ``config.detections_per_image`` of the image).
+                A number: exactly every box whose final score sqrt(phrase score x sigmoid(centerness)) is
+                >= ``threshold`` after the per-phrase NMS, bounded per phrase only (``config.pre_nms_top_n``
+                per level and phrase before NMS, ``max_per_phrase`` or else ``config.detections_per_image``
+                per phrase after), so that no phrase of a long caption is starved by another.
             nms_threshold: IoU for the per-phrase NMS (default ``config.nms_threshold``).
             max_per_phrase: keep at most this many boxes per phrase.
+            autocast_dtype: run the network under ``torch.autocast`` with this dtype (e.g. ``torch.bfloat16``);
+                post-processing stays float32.
         Returns:
             per image, per phrase, a list of {"bbox": [x, y, w, h] (original pixels), "score": float}, best first.
         """
@@ -239,31 +250,34 @@ class GLIP(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            outputs = self.encode(tensors, captions)
+            if autocast_dtype is None:
+                outputs = self.encode(tensors, captions)
+            else:
+                with torch.autocast(self.device.type, dtype=autocast_dtype):
+                    outputs = self.encode(tensors, captions)
         finally:
             self.train(was_training)
         head, tok = outputs.head, outputs.tokenized
         num_tokens = tok.input_ids.shape[1]
         one = 1.0 if cfg.legacy_box_plus_one else 0.0
+        nms = cfg.nms_threshold if nms_threshold is None else nms_threshold
         results = []
         for b, spans in enumerate(phrase_spans):
             phrase_tokens = spans_to_positive_map(tok.offsets[b], [[tuple(s)] for s in spans], num_tokens,
                                                   tok.truncated_at[b]).map.to(self.device)
             det = postprocess_image(
-                [t[b] for t in head.token_logits],
-                [r[b].permute(1, 2, 0).reshape(-1, 4) for r in head.box_regression],
-                [c[b].reshape(-1) for c in head.centerness],
+                [t[b].float() for t in head.token_logits],
+                [r[b].float().permute(1, 2, 0).reshape(-1, 4) for r in head.box_regression],
+                [c[b].float().reshape(-1) for c in head.centerness],
                 outputs.anchors, phrase_tokens, outputs.image_sizes[b], self.box_coder, cfg.score_threshold,
-                cfg.pre_nms_top_n, cfg.nms_threshold if nms_threshold is None else nms_threshold,
-                cfg.detections_per_image, cfg.legacy_box_plus_one)
+                cfg.pre_nms_top_n, nms, cfg.detections_per_image, cfg.legacy_box_plus_one,
+                min_score=threshold, max_per_phrase=max_per_phrase)
             h, w = outputs.image_sizes[b]
             orig_w, orig_h = originals[b]
             scale = det.boxes.new_tensor([orig_w / w, orig_h / h, orig_w / w, orig_h / h])
             boxes = (det.boxes * scale).tolist()
             per_phrase: list[list[dict]] = [[] for _ in spans]
             for (x1, y1, x2, y2), score, label in zip(boxes, det.scores.tolist(), det.labels.tolist()):
-                if threshold is not None and score < threshold:
-                    continue
                 if max_per_phrase is not None and len(per_phrase[label]) >= max_per_phrase:
                     continue
                 per_phrase[label].append({"bbox": [x1, y1, x2 - x1 + one, y2 - y1 + one], "score": float(score)})

@@ -3,7 +3,9 @@
 Images enter the model as float RGB tensors [3, H, W] in [0, 1]. ``normalize`` turns them into the network's
 input space (``pixel_format`` "BGR255": BGR channel order, 0-255, official mean/std; "RGB1": as given, ImageNet
 mean/std); ``batch_images`` pads after normalization with zeros to a multiple of ``size_divisibility``
-(bottom/right), as the official ``to_image_list``.
+(bottom/right), as the official ``to_image_list``. The padding is part of the input (convolutions see it at the
+borders, DyHead pools over it): an image's outputs depend on the padded shape, ``padded_shape`` of the largest
+image in its batch, so callers that need batch-independent outputs batch only images of one padded shape.
 """
 from __future__ import annotations
 
@@ -56,12 +58,18 @@ def normalize(image: torch.Tensor, cfg: GLIPConfig) -> torch.Tensor:
     return (image - mean) / std
 
 
+def padded_shape(height: int, width: int, divisibility: int) -> tuple[int, int]:
+    """(H, W): ``height`` x ``width`` pixels rounded up to multiples of ``divisibility`` (<= 1: unchanged), the
+    input shape of a batch of one such image. Pure; callers group images by it (``labeling.teacher``)."""
+    div = max(int(divisibility), 1)
+    return -(-int(height) // div) * div, -(-int(width) // div) * div
+
+
 def batch_images(images: list[torch.Tensor], cfg: GLIPConfig) -> tuple[torch.Tensor, list[tuple[int, int]]]:
-    """Normalize each image and zero-pad into [B, 3, H_pad, W_pad]; returns the batch and each (h, w) before padding."""
+    """Normalize each image and zero-pad into [B, 3, H_pad, W_pad], (H_pad, W_pad) the ``padded_shape`` of the
+    largest height and width; returns the batch and each (h, w) before padding."""
     sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
-    div = max(cfg.size_divisibility, 1)
-    max_h = -(-max(h for h, _ in sizes) // div) * div
-    max_w = -(-max(w for _, w in sizes) // div) * div
+    max_h, max_w = padded_shape(max(h for h, _ in sizes), max(w for _, w in sizes), cfg.size_divisibility)
     batch = torch.stack([F.pad(normalize(im, cfg), (0, max_w - im.shape[-1], 0, max_h - im.shape[-2]))
                          for im in images])
     return batch, sizes

@@ -156,15 +156,35 @@ def teacher_resize(path: str | Path, image_size: int | None = None) -> TeacherRe
 
 
 # ----------------------------------------------------------------------------- teachers
+class TeacherDeviceError(RuntimeError):
+    """The accelerator failed (CUDA error, device-side assert, out of GPU memory) or is missing: not the
+    record's fault. The caller restarts the worker (a poisoned CUDA context stays poisoned) rather than
+    recording per-image skips."""
+
+
 class Teacher(Protocol):
-    """Grounds phrases of captions in images (see the module docstring for shapes)."""
+    """Grounds phrases of captions in images (see the module docstring for shapes).
+
+    A label is a function of (image, caption, teacher, options) alone: ``ground`` returns the same
+    detections for an image whatever else is in the call. ``bucket_of`` names the images that run
+    together in one forward pass; a caller that wants full batches accumulates images per bucket.
+    ``precision`` ("fp32" | "bf16") is recorded with the labels it made.
+    """
 
     identity: TeacherIdentity
+    precision: str
+
+    def bucket_of(self, image: np.ndarray) -> tuple:
+        """The batching bucket of a resized ``uint8 [h, w, 3]`` array (hashable, comparable)."""
+        ...
 
     def ground(self, images: Sequence[np.ndarray], image_sizes: Sequence[tuple[int, int]],
                captions: Sequence[str], phrase_spans: Sequence[PhraseSpans], *,
-               threshold: float, nms_iou: float) -> list[list[list[Detection]]]:
-        """``images``: resized ``uint8 [h, w, 3]`` arrays; ``image_sizes``: original (width, height)."""
+               threshold: float, nms_iou: float,
+               max_per_phrase: int | None = None) -> list[list[list[Detection]]]:
+        """``images``: resized ``uint8 [h, w, 3]`` arrays; ``image_sizes``: original (width, height).
+        Every box scoring >= ``threshold`` after per-phrase NMS at ``nms_iou`` (at most ``max_per_phrase``
+        per phrase), in the caller's order. Raises ``TeacherDeviceError`` when the accelerator fails."""
         ...
 
 
@@ -183,31 +203,116 @@ def load_glip_model(path: str | Path):
     return model
 
 
-class GLIPTeacher:
-    """``Teacher`` backed by ``glip.GLIP.ground``; the model is loaded once, at construction."""
+PRECISIONS = ("fp32", "bf16")
+# Substrings of torch's messages for a failing accelerator (lower case): CUDA runtime errors, a device-side
+# assert (which poisons the context), cuDNN/cuBLAS failures and the caching allocator's "out of memory".
+_DEVICE_ERROR_MARKERS = ("cuda", "device-side assert", "out of memory", "cudnn", "cublas", "nccl")
 
-    def __init__(self, model, identity: TeacherIdentity, device: str = "cpu"):
+
+def is_device_error(exc: BaseException, device: str) -> bool:
+    """Whether ``exc``, raised by torch while running on ``device``, is the accelerator's failure: only on a
+    ``cuda`` device, a ``torch.cuda.OutOfMemoryError``, a ``torch.AcceleratorError``, or a ``RuntimeError``
+    whose message names CUDA, a device-side assert, out of memory, cuDNN, cuBLAS or NCCL."""
+    if not str(device).startswith("cuda") or not isinstance(exc, RuntimeError):
+        return False
+    import torch
+
+    accelerator_error = getattr(torch, "AcceleratorError", None)      # torch >= 2.8: CUDA runtime errors
+    if isinstance(exc, torch.cuda.OutOfMemoryError) or (accelerator_error and isinstance(exc, accelerator_error)):
+        return True
+    message = str(exc).lower()
+    return any(marker in message for marker in _DEVICE_ERROR_MARKERS)
+
+
+def check_device(device: str) -> None:
+    """``TeacherDeviceError`` unless torch can run on ``device`` ("cpu", "cuda", "cuda:N")."""
+    import os
+
+    import torch
+
+    kind = torch.device(device)
+    if kind.type != "cuda":
+        return
+    if not torch.cuda.is_available():
+        raise TeacherDeviceError(f"teacher device {device!r} requested but CUDA is not available to torch "
+                                 f"(torch {torch.__version__}, built for CUDA {torch.version.cuda}; "
+                                 f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})")
+    if kind.index is not None and kind.index >= torch.cuda.device_count():
+        raise TeacherDeviceError(f"teacher device {device!r} requested but only "
+                                 f"{torch.cuda.device_count()} CUDA device(s) are visible")
+
+
+class GLIPTeacher:
+    """``Teacher`` backed by ``glip.GLIP.ground``; the model is loaded once, at construction.
+
+    Batch independence: ``GLIP`` zero-pads a batch to its largest image and the padding changes the
+    features, so ``ground`` runs one forward pass per bucket, the images whose own ``padded_shape``
+    (size rounded up to ``size_divisibility``, what a batch of one gets) is the same, and puts the
+    results back in the caller's order. A label then equals the label of that image alone (up to
+    float noise of the batch size, ~1e-6). ``bucket_of(array)`` is that ``(H, W)``: a caller that
+    accumulates images per bucket gets full forward passes; a call with many buckets is correct,
+    only slower.
+
+    ``precision``: "fp32", or "bf16" (the forward under ``torch.autocast(device type, bfloat16)``;
+    post-processing and the returned floats stay float32).
+    """
+
+    def __init__(self, model, identity: TeacherIdentity, device: str = "cpu", precision: str = "fp32"):
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        check_device(device)
         self.model = model.to(device).eval()
         self.identity = identity
         self.device = device
+        self.precision = precision
+        self.size_divisibility = int(model.config.size_divisibility)
 
     @classmethod
     def load(cls, path: str | Path, identity: TeacherIdentity | None = None,
-             device: str = "cpu") -> "GLIPTeacher":
+             device: str = "cpu", precision: str = "fp32") -> "GLIPTeacher":
+        """Load the teacher at ``path`` onto ``device``; ``TeacherDeviceError`` before anything is read when
+        ``device`` is a CUDA device torch cannot use."""
+        check_device(device)
         identity = identity or teacher_identity(path)
-        return cls(load_glip_model(path), identity, device)
+        return cls(load_glip_model(path), identity, device, precision)
+
+    def bucket_of(self, image: np.ndarray) -> tuple[int, int]:
+        """``(H, W)``: the padded input shape of a resized ``uint8 [h, w, 3]`` array; images of one bucket
+        run in one forward pass."""
+        from glip.preprocess import padded_shape
+
+        return padded_shape(image.shape[0], image.shape[1], self.size_divisibility)
 
     def ground(self, images: Sequence[np.ndarray], image_sizes: Sequence[tuple[int, int]],
                captions: Sequence[str], phrase_spans: Sequence[PhraseSpans], *,
-               threshold: float, nms_iou: float) -> list[list[list[Detection]]]:
+               threshold: float, nms_iou: float,
+               max_per_phrase: int | None = None) -> list[list[list[Detection]]]:
         import torch
 
-        # arrays from a Ray batch are read-only views: copy those (torch wants writable memory)
-        tensors = [torch.from_numpy(a if a.flags.writeable else a.copy()).to(self.device)
-                   .permute(2, 0, 1).float().div_(255.0) for a in images]
-        spans = [[(int(s), int(e)) for s, e in caption_spans] for caption_spans in phrase_spans]
-        with torch.inference_mode():
-            out = self.model.ground(tensors, list(captions), spans, threshold=threshold,
-                                    nms_threshold=nms_iou, image_sizes=[tuple(s) for s in image_sizes])
-        return [[[{"bbox": [float(v) for v in d["bbox"]], "score": float(d["score"])} for d in dets]
-                 for dets in per_image] for per_image in out]
+        if not len(images) == len(image_sizes) == len(captions) == len(phrase_spans):
+            raise ValueError(f"{len(images)} images, {len(image_sizes)} sizes, {len(captions)} captions and "
+                             f"{len(phrase_spans)} phrase lists")
+        buckets: dict[tuple[int, int], list[int]] = {}
+        for i, array in enumerate(images):
+            buckets.setdefault(self.bucket_of(array), []).append(i)
+        autocast = torch.bfloat16 if self.precision == "bf16" else None
+        out: list[list[list[Detection]] | None] = [None] * len(images)
+        try:
+            for indices in buckets.values():
+                # arrays from a Ray batch are read-only views: copy those (torch wants writable memory)
+                tensors = [torch.from_numpy(a if a.flags.writeable else a.copy()).to(self.device)
+                           .permute(2, 0, 1).float().div_(255.0) for a in (images[i] for i in indices)]
+                with torch.inference_mode():
+                    found = self.model.ground(
+                        tensors, [captions[i] for i in indices],
+                        [[(int(s), int(e)) for s, e in phrase_spans[i]] for i in indices],
+                        threshold=threshold, nms_threshold=nms_iou, max_per_phrase=max_per_phrase,
+                        image_sizes=[tuple(image_sizes[i]) for i in indices], autocast_dtype=autocast)
+                for i, per_image in zip(indices, found):
+                    out[i] = [[{"bbox": [float(v) for v in d["bbox"]], "score": float(d["score"])} for d in dets]
+                              for dets in per_image]
+        except RuntimeError as exc:
+            if is_device_error(exc, self.device):
+                raise TeacherDeviceError(f"teacher on {self.device}: {type(exc).__name__}: {exc}") from exc
+            raise
+        return out
