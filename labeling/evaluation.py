@@ -2,7 +2,8 @@
 prompt) and phrase-grounding Recall@k (Flickr30K Entities protocol). No Ray.
 
 Boxes everywhere here are COCO ``[x, y, w, h]`` in original-image pixels, which is what
-``GLIP.ground`` returns and what pycocotools expects.
+``GLIP.ground`` returns and what pycocotools expects. Annotation files, image folders and
+models are local paths or URIs (``storage.fs``).
 
 Recall@k protocol (documented choice): a phrase counts as recalled at k when ANY of the
 model's k best boxes for it has IoU >= 0.5 with ANY of its ground-truth boxes (the
@@ -21,6 +22,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
+from storage import fs
 from storage.coco import category_prompts  # the same prompts training builds for detection data
 from storage.errors import InputError
 from storage.skips import StageCounts
@@ -79,9 +81,10 @@ def coco_metrics(coco_gt, detections: list[dict[str, Any]], image_ids: Iterable[
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
+    from storage.goldg import load_coco_api
+
     if not isinstance(coco_gt, COCO):
-        with contextlib.redirect_stdout(io.StringIO()):
-            coco_gt = COCO(str(coco_gt))
+        coco_gt = load_coco_api(coco_gt)
     ids = sorted(coco_gt.getImgIds() if image_ids is None else set(image_ids))
     names = {c["id"]: c["name"] for c in coco_gt.loadCats(coco_gt.getCatIds())}
     if not detections:
@@ -138,11 +141,11 @@ def recall_at_k(predictions: list[list[list[float]]], ground_truth: list[list[li
 
 # ----------------------------------------------------------------------------- model runs
 
-def _open_rgb(path: Path, counts: StageCounts):
+def _open_rgb(path: str, counts: StageCounts):
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(fs.read_bytes(path))) as im:
             return im.convert("RGB")
     except (FileNotFoundError, UnidentifiedImageError, OSError) as exc:
         counts.skip("unreadable_image", str(path), repr(exc))
@@ -163,14 +166,10 @@ def detect_coco(model, ann_json: str | Path, image_root: str | Path, *, batch_si
     model's token limit); each category's span yields scored boxes that become COCO results.
     Returns (detections, evaluated image ids, the COCO ground truth object).
     """
-    from pycocotools.coco import COCO
+    from storage.goldg import load_coco_api
 
     counts = counts if counts is not None else StageCounts()
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            coco_gt = COCO(str(ann_json))
-    except (OSError, ValueError, KeyError) as exc:
-        raise InputError(f"{ann_json}: not a readable COCO annotation file ({exc})") from exc
+    coco_gt = load_coco_api(ann_json)   # InputError when it is not a readable COCO file
     if not coco_gt.getCatIds():
         raise InputError(f"{ann_json}: no categories")
     categories = coco_gt.loadCats(sorted(coco_gt.getCatIds()))
@@ -183,7 +182,7 @@ def detect_coco(model, ann_json: str | Path, image_root: str | Path, *, batch_si
         images, infos = [], []
         for info in batch:
             counts.read += 1
-            img = _open_rgb(Path(image_root) / info["file_name"], counts)
+            img = _open_rgb(fs.join(fs.normalize(image_root), info["file_name"]), counts)
             if img is not None:
                 images.append(img)
                 infos.append(info)
@@ -236,7 +235,7 @@ def evaluate_grounding(model, ann_json: str | Path, image_root: str | Path, *, b
     for batch in _batches(samples, batch_size):
         images, captions, spans, gts = [], [], [], []
         for s in batch:
-            img = _open_rgb(Path(s.extra["image_path"]), counts)
+            img = _open_rgb(s.extra["image_path"], counts)
             if img is None:
                 continue
             # one phrase per distinct gold span set; its gold boxes are all boxes sharing it
@@ -268,18 +267,26 @@ def evaluate_grounding(model, ann_json: str | Path, image_root: str | Path, *, b
 
 
 def load_model(path: str | Path):
-    """A GLIP model in eval mode from a glipctl checkpoint directory or an official ``.pth``.
+    """A GLIP model in eval mode from a glipctl checkpoint directory or an official ``.pth``,
+    local or a URI (a remote model is copied into the local cache once, without a training
+    run's optimizer state: ``storage.checkpoints.local_model``).
 
     Raises InputError when ``path`` does not exist or cannot be loaded as a model.
     """
     import glip
 
-    path = Path(path)
-    if not path.exists():
+    from storage.checkpoints import local_model
+
+    try:
+        there = fs.exists(path)
+    except OSError as exc:
+        raise InputError(f"--model {path}: cannot be read ({exc})") from None
+    if not there:
         raise InputError(f"--model {path}: no such checkpoint")
     loader = getattr(glip, "load_teacher", None)
     try:
-        model = loader(str(path)) if loader is not None else glip.GLIP.from_pretrained(str(path))
+        local = local_model(path)
+        model = loader(local) if loader is not None else glip.GLIP.from_pretrained(local)
     except InputError:
         raise
     except (OSError, ValueError, KeyError) as exc:

@@ -9,6 +9,7 @@ yields one sample per prompt that has at least one of its boxes.
 Boxes stay COCO ``[x, y, w, h]`` in pixels. ``extra`` carries ``image_path``,
 ``image_id``, ``file_name`` and ``category_ids`` (one per phrase, aligned with
 ``phrases``). Crowd boxes (``iscrowd=1``) are dropped and counted, as GLIP does.
+Files and image folders are local paths or URIs (``storage.fs``).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from storage.atomic import write_json_atomic
+from storage import fs
 from storage.goldg import check_image_root, count_orphan_annotations, load_coco_api
 from storage.records import Box, GroundedSample, Phrase
 from storage.shards import validated
@@ -93,7 +94,7 @@ def iter_coco_detection(coco, ann_json: str | Path, image_root: str | Path | Non
     """``load_coco_detection`` on an already loaded ``COCO`` object (``load_coco_api``)."""
     root = check_image_root(image_root)
     count_orphan_annotations(coco, counts, ann_json)
-    source = f"det/{name or Path(ann_json).stem}"
+    source = f"det/{name or Path(fs.name_of(ann_json)).stem}"
     prompts = category_prompts(list(coco.cats.values()), max_tokens, count_tokens)
     prompt_of = {cat_id: (p, j) for p, (_, spans) in enumerate(prompts)
                  for j, (_, _, cat_id) in enumerate(spans)}
@@ -102,8 +103,8 @@ def iter_coco_detection(coco, ann_json: str | Path, image_root: str | Path | Non
         counts.read += 1
         where = f"{ann_json} image {img_id}"
         file_name = str(img.get("file_name", ""))
-        if root is not None and check_images and not (root / file_name).is_file():
-            counts.skip("missing_image", where, str(root / file_name))
+        if root is not None and check_images and not root.has(file_name):
+            counts.skip("missing_image", where, root.path(file_name))
             continue
         by_prompt: dict[int, list[Box]] = defaultdict(list)
         for ann in coco.imgToAnns.get(img_id, []):
@@ -126,7 +127,7 @@ def iter_coco_detection(coco, ann_json: str | Path, image_root: str | Path | Non
             phrases = [Phrase(caption[s:e], s, e) for s, e, _ in spans]
             extra = {"image_id": img_id, "file_name": file_name, "category_ids": [c for _, _, c in spans]}
             if root is not None:
-                extra["image_path"] = str(root / file_name)
+                extra["image_path"] = root.path(file_name)
             sample = GroundedSample(f"{source}/{img_id}/{p}", caption, int(img.get("width") or 0),
                                     int(img.get("height") or 0), phrases, by_prompt[p], source, extra)
             sample = validated(sample, counts, where)
@@ -158,7 +159,7 @@ def coco_detection_dict(samples: Iterable[GroundedSample],
     for s in samples:
         image_id = s.extra.get("image_id", len(images) + 1)
         if image_id not in images:
-            file_name = s.extra.get("file_name") or (Path(s.extra["image_path"]).name
+            file_name = s.extra.get("file_name") or (fs.name_of(s.extra["image_path"])
                                                      if s.extra.get("image_path") else f"{image_id}.jpg")
             images[image_id] = {"id": image_id, "file_name": file_name, "width": int(s.width),
                                 "height": int(s.height)}
@@ -180,5 +181,6 @@ def coco_detection_dict(samples: Iterable[GroundedSample],
 
 def write_coco_detection(samples: Iterable[GroundedSample], path: str | Path,
                          categories: list[dict[str, Any]] | None = None) -> None:
-    """Write ``samples`` as a COCO detection JSON file, atomically (see ``coco_detection_dict``)."""
-    write_json_atomic(path, coco_detection_dict(samples, categories))
+    """Write ``samples`` as a COCO detection JSON file (local path or URI), atomically
+    (see ``coco_detection_dict``)."""
+    fs.write_json(path, coco_detection_dict(samples, categories))

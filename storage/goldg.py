@@ -14,16 +14,21 @@ Each image entry becomes one ``GroundedSample``:
   (``phrase``) at the phrase of its first span and keeps all its spans;
 - ``extra``: ``image_path`` (image root / file_name), ``image_id``, ``sentence_id``,
   ``dataset_name``, ``tokens_negative``.
+
+The annotation file and the image root are local paths or URIs (``storage.fs``); an
+``image_path`` is in the same form as its root (absolute locally), so it can be read by a
+worker on another node.
 """
 from __future__ import annotations
 
 import contextlib
 import io
 import json
+import os
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from storage.atomic import write_json_atomic
+from storage import fs
 from storage.errors import InputError
 from storage.records import Box, GroundedSample, Phrase
 from storage.shards import validated
@@ -38,12 +43,15 @@ def load_coco_api(ann_json: str | Path, counts: StageCounts | None = None):
     """
     from pycocotools.coco import COCO
 
-    path = Path(ann_json)
-    if not path.is_file():
-        raise InputError(f"{path}: annotation file not found")
+    path = fs.normalize(ann_json)
     try:
-        with open(path, "rb") as fh:
-            dataset = json.load(fh)
+        data = fs.read_bytes(path) if fs.is_file(path) else None
+    except OSError as exc:
+        raise InputError(f"{ann_json}: annotation file cannot be read ({exc})") from None
+    if data is None:
+        raise InputError(f"{ann_json}: annotation file not found")
+    try:
+        dataset = json.loads(data)
     except (ValueError, UnicodeDecodeError) as exc:
         raise InputError(f"{path}: not valid JSON ({exc})") from None
     if not isinstance(dataset, dict) or not isinstance(dataset.get("images"), list):
@@ -78,12 +86,50 @@ def count_orphan_annotations(coco, counts: StageCounts, ann_json: str | Path) ->
                         f"annotation {ann.get('id')} -> image_id {ann.get('image_id')}")
 
 
-def check_image_root(image_root: str | Path | None) -> Path | None:
+class ImageRoot:
+    """The folder an annotation file's ``file_name`` entries are relative to: a local path or a URI.
+
+    ``has(file_name)`` answers without one request per image on object stores: each
+    sub-folder named by the entries is listed once (a listing returns 1,000 names per
+    request), locally it is one ``stat``.
+    """
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = fs.normalize(root)
+        self.remote = fs.is_remote(self.root)
+        self._listed: dict[str, frozenset[str]] = {}
+
+    def __str__(self) -> str:
+        return self.root
+
+    def path(self, file_name: str) -> str:
+        """The image's full path (absolute local path or URI)."""
+        return fs.join(self.root, file_name)
+
+    def has(self, file_name: str) -> bool:
+        if not self.remote:
+            return os.path.isfile(self.path(file_name))
+        folder, _, name = file_name.strip("/").rpartition("/")
+        if folder not in self._listed:
+            try:
+                entries = fs.list_dir(fs.join(self.root, folder) if folder else self.root)
+            except FileNotFoundError:
+                entries = []
+            self._listed[folder] = frozenset(e.name for e in entries if not e.is_dir)
+        return name in self._listed[folder]
+
+
+def check_image_root(image_root: str | os.PathLike | None) -> ImageRoot | None:
+    """The image folder, checked to exist; InputError when it does not."""
     if image_root is None:
         return None
-    root = Path(image_root)
-    if not root.is_dir():
-        raise InputError(f"{root}: image folder not found")
+    root = ImageRoot(image_root)
+    try:
+        there = fs.is_dir(root.root)
+    except OSError as exc:
+        raise InputError(f"{image_root}: image folder cannot be read ({exc})") from None
+    if not there:
+        raise InputError(f"{image_root}: image folder not found")
     return root
 
 
@@ -91,7 +137,7 @@ def source_of(dataset_name: str | None) -> str:
     return "goldg/flickr" if (dataset_name or "").lower() == "flickr" else "goldg/mixed"
 
 
-def _sample_from_entry(img: dict[str, Any], anns: list[dict[str, Any]], image_root: Path | None,
+def _sample_from_entry(img: dict[str, Any], anns: list[dict[str, Any]], image_root: ImageRoot | None,
                        counts: StageCounts, where: str) -> GroundedSample | None:
     caption = img.get("caption")
     if not isinstance(caption, str) or not caption:
@@ -114,7 +160,7 @@ def _sample_from_entry(img: dict[str, Any], anns: list[dict[str, Any]], image_ro
              "dataset_name": img.get("dataset_name"), "file_name": img.get("file_name"),
              "tokens_negative": img.get("tokens_negative") or []}
     if image_root is not None:
-        extra["image_path"] = str(image_root / str(img.get("file_name", "")))
+        extra["image_path"] = image_root.path(str(img.get("file_name", "")))
     sample = GroundedSample(f"{source}/{image_id}/{sentence_id}", caption, int(img.get("width") or 0),
                             int(img.get("height") or 0), phrases, boxes, source, extra)
     return validated(sample, counts, where)
@@ -147,8 +193,9 @@ def iter_mdetr(coco, ann_json: str | Path, image_root: str | Path | None, counts
         img = coco.imgs[img_id]
         counts.read += 1
         where = f"{ann_json} image {img_id}"
-        if root is not None and check_images and not (root / str(img.get("file_name", ""))).is_file():
-            counts.skip("missing_image", where, str(root / str(img.get("file_name", ""))))
+        file_name = str(img.get("file_name", ""))
+        if root is not None and check_images and not root.has(file_name):
+            counts.skip("missing_image", where, root.path(file_name))
             continue
         try:
             sample = _sample_from_entry(img, coco.imgToAnns.get(img_id, []), root, counts, where)
@@ -166,13 +213,19 @@ def _dataset_name(sample: GroundedSample) -> str:
     return "flickr" if sample.source == "goldg/flickr" else "mixed"
 
 
+def relative_file_name(image_path: str, image_root: str | os.PathLike | None) -> str:
+    """``image_path`` relative to ``image_root`` when it lies under it, else its base name."""
+    if image_root is not None:
+        root = fs.normalize(image_root).rstrip("/") + ("/" if fs.is_remote(image_root) else os.sep)
+        path = fs.normalize(image_path)
+        if path.startswith(root):
+            return path[len(root):].replace(os.sep, "/")
+    return fs.name_of(image_path)
+
+
 def _file_name(sample: GroundedSample, image_root: str | Path | None) -> str:
     if sample.extra.get("image_path"):
-        p = Path(sample.extra["image_path"])
-        if image_root is not None:
-            with contextlib.suppress(ValueError):
-                return str(p.relative_to(image_root))
-        return p.name
+        return relative_file_name(str(sample.extra["image_path"]), image_root)
     if sample.extra.get("file_name"):
         return str(sample.extra["file_name"])
     return f"{sample.key.replace('/', '_')}.jpg"
@@ -201,14 +254,14 @@ def mdetr_dict(samples: Iterable[GroundedSample], image_root: str | Path | None 
 
 def write_mdetr(samples: Iterable[GroundedSample], path: str | Path,
                 image_root: str | Path | None = None) -> None:
-    """Write ``samples`` as an MDETR GoldG JSON file, atomically.
+    """Write ``samples`` as an MDETR GoldG JSON file (local path or URI), atomically.
 
     ``file_name`` is ``extra["image_path"]`` relative to ``image_root`` (or its base
     name), else ``extra["file_name"]``; ``(original_img_id, sentence_id)`` come from
     ``extra["image_id"]``/``extra["sentence_id"]`` when present, so a loaded file
     written back keeps its keys.
     """
-    write_json_atomic(path, mdetr_dict(samples, image_root))
+    fs.write_json(path, mdetr_dict(samples, image_root))
 
 
-__all__ = ["load_mdetr", "iter_mdetr", "is_mdetr", "write_mdetr", "mdetr_dict", "load_coco_api", "source_of"]
+__all__ = ["ImageRoot", "check_image_root", "load_mdetr", "iter_mdetr", "is_mdetr", "write_mdetr", "mdetr_dict", "load_coco_api", "source_of"]

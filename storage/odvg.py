@@ -16,7 +16,8 @@ with the label map (``{"label": "name"}``) from a file, a dict, or the instances
 occurrence of its phrase in the caption.
 
 Our writer adds ``key`` and ``source`` to each line (ODVG readers ignore unknown
-fields) so a written file reads back with the same keys.
+fields) so a written file reads back with the same keys. Files, label maps and image
+folders are local paths or URIs (``storage.fs``); the file is streamed, not read whole.
 """
 from __future__ import annotations
 
@@ -24,10 +25,10 @@ import json
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from storage.atomic import atomic_write
+from storage import fs
 from storage.coco import category_name, category_prompts
 from storage.errors import InputError
-from storage.goldg import check_image_root
+from storage.goldg import check_image_root, relative_file_name
 from storage.records import Box, GroundedSample, Phrase
 from storage.shards import validated
 from storage.skips import StageCounts
@@ -43,27 +44,44 @@ def xywh_to_xyxy(b: list[float]) -> list[float]:
     return [x, y, x + w, y + h]
 
 
-def _iter_lines(path: Path, counts: StageCounts) -> Iterator[tuple[int, dict[str, Any]]]:
+_CHUNK = 1 << 20
+
+
+def _raw_lines(path: str) -> Iterator[bytes]:
+    """The lines of a file read in large chunks (object-store streams have no ``readline``)."""
+    with fs.open_input_stream(path) as fh:
+        rest = b""
+        while True:
+            chunk = fh.read(_CHUNK)
+            if not chunk:
+                break
+            lines = (rest + chunk).split(b"\n")
+            rest = lines.pop()
+            yield from lines
+        if rest:
+            yield rest
+
+
+def _iter_lines(path: str, counts: StageCounts) -> Iterator[tuple[int, dict[str, Any]]]:
     """``(line number, object)`` for each parsable line; bad lines are counted skips."""
-    with open(path, "rb") as fh:
-        for n, raw in enumerate(fh, start=1):
-            if not raw.strip():
-                continue
-            counts.read += 1
-            try:
-                obj = json.loads(raw.decode("utf-8"))
-                if not isinstance(obj, dict):
-                    raise ValueError("not a JSON object")
-            except (UnicodeDecodeError, ValueError) as exc:
-                counts.skip("bad_json", f"{path} line {n}", str(exc)[:120])
-                continue
-            yield n, obj
+    for n, raw in enumerate(_raw_lines(path), start=1):
+        if not raw.strip():
+            continue
+        counts.read += 1
+        try:
+            obj = json.loads(raw.decode("utf-8"))
+            if not isinstance(obj, dict):
+                raise ValueError("not a JSON object")
+        except (UnicodeDecodeError, ValueError) as exc:
+            counts.skip("bad_json", f"{path} line {n}", str(exc)[:120])
+            continue
+        yield n, obj
 
 
-def _label_map(path: Path, label_map: dict | str | Path | None) -> dict[int, str]:
+def _label_map(path: str, label_map: dict | str | Path | None) -> dict[int, str]:
     if isinstance(label_map, (str, Path)):
         try:
-            label_map = json.loads(Path(label_map).read_text())
+            label_map = fs.read_json(label_map)
         except (OSError, ValueError) as exc:
             raise InputError(f"{label_map}: unreadable label map ({exc})") from None
     if label_map:
@@ -86,19 +104,23 @@ def load_odvg(path: str | Path, image_root: str | Path | None, counts: StageCoun
     ``source`` or ``goldg/<name>`` (grounding) / ``det/<name>`` (detection), ``name``
     defaulting to the file stem. ``extra["image_path"]`` when ``image_root`` is given.
     """
-    path = Path(path)
-    if not path.is_file():
+    path = fs.normalize(path)
+    try:
+        there = fs.is_file(path)
+    except OSError as exc:
+        raise InputError(f"{path}: ODVG file cannot be read ({exc})") from None
+    if not there:
         raise InputError(f"{path}: ODVG file not found")
     root = check_image_root(image_root)
-    name = name or path.stem
+    name = name or Path(fs.name_of(path)).stem
     labels: dict[int, str] | None = None
     prompts: list | None = None
     prompt_of: dict[int, tuple[int, int]] = {}
     for n, obj in _iter_lines(path, counts):
         where = f"{path} line {n}"
         file_name = str(obj.get("filename") or "")
-        if root is not None and check_images and not (root / file_name).is_file():
-            counts.skip("missing_image", where, str(root / file_name))
+        if root is not None and check_images and not root.has(file_name):
+            counts.skip("missing_image", where, root.path(file_name))
             continue
         try:
             if isinstance(obj.get("grounding"), dict):
@@ -122,7 +144,7 @@ def load_odvg(path: str | Path, image_root: str | Path | None, counts: StageCoun
                 continue
             sample.extra["file_name"] = file_name
             if root is not None:
-                sample.extra["image_path"] = str(root / file_name)
+                sample.extra["image_path"] = root.path(file_name)
             sample = validated(sample, counts, where)
             if sample is not None:
                 yield sample
@@ -195,13 +217,7 @@ def _detection_samples(obj: dict[str, Any], name: str, n: int, prompts: list,
 
 def _odvg_file_name(s: GroundedSample, image_root: str | Path | None) -> str:
     if s.extra.get("image_path"):
-        p = Path(s.extra["image_path"])
-        if image_root is not None:
-            try:
-                return str(p.relative_to(image_root))
-            except ValueError:
-                pass
-        return p.name
+        return relative_file_name(str(s.extra["image_path"]), image_root)
     return str(s.extra.get("file_name") or f"{s.key.replace('/', '_')}.jpg")
 
 
@@ -243,7 +259,8 @@ def odvg_line(s: GroundedSample, variant: str = "grounding", image_root: str | P
 
 def write_odvg(samples: Iterable[GroundedSample], path: str | Path, variant: str = "grounding",
                image_root: str | Path | None = None, label_map_path: str | Path | None = None) -> dict[int, str]:
-    """Write ``samples`` as ODVG JSONL, atomically; returns the label map (detection only).
+    """Write ``samples`` as ODVG JSONL (local path or URI), atomically; returns the label map
+    (detection only).
 
     Detection labels are ``extra["category_ids"][box.phrase]`` when present, else a
     label per distinct phrase text in order of appearance. The label map is written
@@ -262,10 +279,11 @@ def write_odvg(samples: Iterable[GroundedSample], path: str | Path, variant: str
         labels.setdefault(label, category_name({"name": text}))
         return label, labels[label]
 
-    with atomic_write(path, "w") as fh:
+    with fs.open_output(path) as fh:
         for s in samples:
-            fh.write(json.dumps(odvg_line(s, variant, image_root, label_of), ensure_ascii=False) + "\n")
+            fh.write((json.dumps(odvg_line(s, variant, image_root, label_of), ensure_ascii=False) + "\n")
+                     .encode("utf-8"))
     if variant == "detection" and label_map_path is not None:
-        with atomic_write(label_map_path, "w") as fh:
-            json.dump({str(k): v for k, v in sorted(labels.items())}, fh, indent=1)
+        fs.write_bytes(label_map_path, json.dumps({str(k): v for k, v in sorted(labels.items())},
+                                                  indent=1).encode("utf-8"))
     return labels

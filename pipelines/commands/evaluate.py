@@ -15,8 +15,8 @@ def evaluate_model(model_path: str | Path, coco: str | None = None, grounding: s
                    model=None, show_progress: bool = True) -> dict[str, Any]:
     """The numbers `glipctl evaluate` prints: ``{"model": path, "coco": {...}, "grounding": {...}}``.
 
-    ``coco`` / ``grounding`` are ``ANN.json=IMAGE_DIR``. ``model`` may pass an already loaded
-    model (the demo evaluates in-process).
+    ``coco`` / ``grounding`` are ``ANN.json=IMAGE_DIR``; every path a local path or a URI.
+    ``model`` may pass an already loaded model (the demo evaluates in-process).
     """
     from pipelines.training.options import AnnotatedImages
     from labeling.evaluation import evaluate_coco, evaluate_grounding, load_model
@@ -96,15 +96,15 @@ def _pct(v: float) -> str:
 
 
 def main(
-    model: Annotated[Path, typer.Option("--model", help="Checkpoint directory (train-student, convert-official) "
-                                                        "or an official GLIP .pth.")],
+    model: Annotated[str, typer.Option("--model", help="Checkpoint directory (train-student, convert-official) "
+                                                       "or an official GLIP .pth; a local path or a URI.")],
     coco: Annotated[str | None, typer.Option("--coco", help="COCO detection set ANN.json=IMAGE_DIR: zero-shot "
                                              "detection with the category names as the prompt (split over "
                                              "the token limit); COCOeval AP, AP50, AP75, APs/m/l.")] = None,
     grounding: Annotated[str | None, typer.Option("--grounding", help="MDETR/GoldG set ANN.json=IMAGE_DIR: "
                                                   "Recall@1/5/10 at IoU 0.5 (any-box protocol).")] = None,
-    out: Annotated[Path | None, typer.Option("--out", help="Write the same numbers (and per-category AP) "
-                                             "to this JSON file.")] = None,
+    out: Annotated[str | None, typer.Option("--out", help="Write the same numbers (and per-category AP) "
+                                            "to this JSON file (local path or URI).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")] = 8,
     threshold: Annotated[float, typer.Option("--threshold", help="Drop detections scoring below this before "
                                              "COCOeval (0 keeps the best 100 per image, as COCO "
@@ -116,10 +116,10 @@ def main(
     """Evaluate a checkpoint: COCO AP (zero-shot detection) and/or grounding Recall@k."""
     from rich.console import Console
 
-    from storage.atomic import write_json_atomic
+    from storage import fs
 
     report = evaluate_model(model, coco, grounding, batch_size=batch_size, threshold=threshold,
                             merge_boxes=merge_boxes)
     Console().print(metrics_table(report))
     if out is not None:
-        write_json_atomic(out, report)
+        fs.write_json(out, report)

@@ -40,16 +40,20 @@ def phrase_spans(prompt: str, phrases: str, spacy_model: str | None = None) -> l
     return spans
 
 
-def predict_images(model, paths: list[Path], prompt: str, spans: list[tuple[int, int]],
+def predict_images(model, paths: list[str], prompt: str, spans: list[tuple[int, int]],
                    threshold: float | None, max_per_phrase: int | None = None) -> list[dict[str, Any]]:
-    """Ground ``spans`` of ``prompt`` in each image. Returns, per image,
+    """Ground ``spans`` of ``prompt`` in each image (local paths or URIs). Returns, per image,
     ``{"image": path, "width", "height", "boxes": [{"phrase", "span", "bbox" (xywh px), "score"}]}``."""
+    import io
+
     from PIL import Image, UnidentifiedImageError
+
+    from storage import fs
 
     images = []
     for p in paths:
         try:
-            with Image.open(p) as im:
+            with Image.open(io.BytesIO(fs.read_bytes(p))) as im:
                 images.append(im.convert("RGB"))
         except (OSError, UnidentifiedImageError) as exc:
             raise InputError(f"{p}: not a readable image ({exc})") from None
@@ -67,9 +71,9 @@ def predict_images(model, paths: list[Path], prompt: str, spans: list[tuple[int,
 
 
 def main(
-    images: Annotated[list[Path], typer.Argument(help="Image files (JPEG, PNG, ...).")],
-    model: Annotated[Path, typer.Option("--model", help="Checkpoint directory (train-student, convert-official) "
-                                                        "or an official GLIP .pth.")],
+    images: Annotated[list[str], typer.Argument(help="Image files (JPEG, PNG, ...): local paths or URIs.")],
+    model: Annotated[str, typer.Option("--model", help="Checkpoint directory (train-student, convert-official) "
+                                                       "or an official GLIP .pth; a local path or a URI.")],
     prompt: Annotated[str, typer.Option("--prompt", help="The text the model reads, e.g. 'a red star and a "
                                                          "blue circle'.")],
     phrases: Annotated[str, typer.Option("--phrases", help="'auto': spaCy noun phrases of the prompt (as "
@@ -79,21 +83,29 @@ def main(
                                                     "(default: the model's score_threshold).")] = None,
     max_per_phrase: Annotated[int, typer.Option("--max-per-phrase", help="At most this many boxes per "
                                                 "phrase, best first.")] = 3,
-    out: Annotated[Path, typer.Option("--out", help="Folder for one PNG per image with the boxes and "
-                                                    "phrase labels drawn, and predictions.json.")] = Path("predictions"),
+    out: Annotated[str, typer.Option("--out", help="Folder (local path or URI) for one PNG per image with the "
+                                                   "boxes and phrase labels drawn, and predictions.json.")] = "predictions",
     spacy_model: Annotated[str | None, typer.Option("--spacy-model", help="spaCy pipeline for --phrases auto "
                                                     "(installed name or path).")] = None,
 ) -> None:
     """Ground the phrases of a prompt in images: print the boxes and write PNGs with them drawn."""
+    import io
+
     from rich.console import Console
     from rich.table import Table
 
     from labeling.evaluation import load_model
     from pipelines.drawing import draw_boxes
-    from storage.atomic import atomic_write, write_json_atomic
+    from storage import fs
 
+    images = [fs.normalize(p) for p in images]
+    out = fs.normalize(out)
     for p in images:
-        if not p.is_file():
+        try:
+            there = fs.is_file(p)
+        except OSError as exc:
+            raise InputError(f"{p}: cannot be read ({exc})") from None
+        if not there:
             raise InputError(f"{p}: no such image")
     spans = phrase_spans(prompt, phrases, spacy_model)
     net = load_model(model)
@@ -103,25 +115,27 @@ def main(
     table = Table(title=f"predictions for {prompt!r}")
     for col in ("image", "phrase", "score", "box x,y,w,h (px)"):
         table.add_column(col)
-    out.mkdir(parents=True, exist_ok=True)
+    fs.makedirs(out)
     used: set[str] = set()
     for r in results:
         pil = r.pop("_pil")
+        shown = fs.name_of(r["image"])
         for b in r["boxes"]:
-            table.add_row(Path(r["image"]).name, b["phrase"], f"{b['score']:.3f}", ", ".join(f"{v:.0f}" for v in b["bbox"]))
+            table.add_row(shown, b["phrase"], f"{b['score']:.3f}", ", ".join(f"{v:.0f}" for v in b["bbox"]))
         if not r["boxes"]:
-            table.add_row(Path(r["image"]).name, "(no box above the threshold)", "", "")
+            table.add_row(shown, "(no box above the threshold)", "", "")
         drawn = draw_boxes(pil, [{"bbox": b["bbox"], "label": b["phrase"], "score": b["score"],
                                   "colour": b["phrase_index"]} for b in r["boxes"]],
                            scale=max(1, 384 // max(pil.width, pil.height)))
-        name = Path(r["image"]).stem
+        name = Path(shown).stem
         while name in used:                         # two inputs with one stem: keep both
             name += "_"
         used.add(name)
-        r["png"] = str(out / f"{name}.png")
-        with atomic_write(r["png"]) as fh:
-            drawn.save(fh, format="PNG")
+        r["png"] = fs.join(out, f"{name}.png")
+        png = io.BytesIO()
+        drawn.save(png, format="PNG")
+        fs.write_bytes(r["png"], png.getvalue())
     stdout.print(table)
-    write_json_atomic(out / "predictions.json", {"prompt": prompt, "phrases": [prompt[s:e] for s, e in spans],
-                                                 "threshold": threshold, "images": results})
+    fs.write_json(fs.join(out, "predictions.json"), {"prompt": prompt, "phrases": [prompt[s:e] for s, e in spans],
+                                                     "threshold": threshold, "images": results})
     stdout.print(f"wrote {len(results)} PNG(s) and predictions.json to {out}")

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from storage import fs
 from storage.errors import InputError
 from storage.records import GroundedSample, InvalidRecord, validate_sample
 from storage.skips import StageCounts
@@ -176,8 +177,7 @@ class MixedFeed:
             record = self.sources.detection[index]
             path = record.image_path
         try:
-            with open(path, "rb") as fh:
-                decoded = decode_image(fh.read())
+            decoded = decode_image(fs.read_bytes(path))
         except OSError as exc:
             counts.skip("missing_image", path, str(exc))
             return None

@@ -8,7 +8,6 @@ The AP / Recall@k runs over the whole file every time: keep ``--eval`` sets smal
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from storage import fs
 from storage.skips import StageCounts
 
 from pipelines.training.augment import TrainAugment
@@ -25,9 +25,9 @@ from pipelines.training.sources import TrainingSources, load_detection, load_gol
 
 
 def is_detection_file(path: str) -> bool:
-    """True for COCO detection JSON, False for MDETR grounding JSON (images carry captions)."""
-    with open(path, encoding="utf-8") as fh:
-        images = json.load(fh).get("images") or [{}]
+    """True for COCO detection JSON, False for MDETR grounding JSON (images carry captions);
+    ``path`` local or a URI."""
+    images = fs.read_json(path).get("images") or [{}]
     return "caption" not in images[0]
 
 
@@ -88,7 +88,7 @@ class HeldOutEvaluator:
         row: dict[str, float] = {}
         for held in self.sets:
             # one set: eval_AP; several: eval_<file stem>_AP
-            prefix = "eval_" if len(self.sets) == 1 else f"eval_{Path(held.spec.annotations).stem}_"
+            prefix = "eval_" if len(self.sets) == 1 else f"eval_{Path(fs.name_of(held.spec.annotations)).stem}_"
             if held.detection:
                 result = evaluate_coco(model, held.spec.annotations, held.spec.image_root, batch_size=self.batch_size)
                 row.update({f"{prefix}{k}": float(result[k]) for k in ("AP", "AP50")})

@@ -24,12 +24,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from storage import fs
 from storage.atomic import atomic_write
 from storage.skips import StageCounts
 
 from pipelines.training.augment import TrainAugment
-from pipelines.training.checkpointing import (checkpoint_dir, latest_checkpoint, load_train_state, publish,
-                                              save_checkpoint)
+from pipelines.training.checkpointing import RunOutput, checkpoint_dir, latest_checkpoint, load_train_state
 from pipelines.training.feed import MixedFeed
 from pipelines.training.options import TrainOptions
 from pipelines.training.schedule import build_optimizer, lr_factor, text_parameter_ids
@@ -84,20 +84,23 @@ def ray_train_worker(config: dict[str, Any]) -> dict[str, Any] | None:
 def build_model(options: TrainOptions, checkpoint: str | None = None):
     """The model to train: a resumed checkpoint, else ``--init`` (checkpoint dir or official
     .pth), else the preset; ``model_overrides`` apply to the preset, and its ``min_size`` /
-    ``max_size`` (training resolution) also to a loaded model."""
+    ``max_size`` (training resolution) also to a loaded model. Checkpoints, ``--init`` and
+    ``--text-encoder`` may be URIs: each machine loads its own cached copy."""
     from glip import GLIP, load_teacher
+    from storage.checkpoints import local_model
 
     if checkpoint:
-        return GLIP.from_pretrained(checkpoint)
+        return GLIP.from_pretrained(local_model(checkpoint))
     if options.init:
-        model = load_teacher(options.init, preset=options.preset if options.preset != "tiny" else None)
+        model = load_teacher(local_model(options.init), preset=options.preset if options.preset != "tiny" else None)
         sizes = {k: v for k, v in options.model_overrides.items() if k in ("min_size", "max_size")}
         if sizes:
             model.config = model.config.replace(**sizes)
         return model
     overrides = dict(options.model_overrides)
     if options.text_encoder:
-        overrides["text_encoder"] = options.text_encoder
+        overrides["text_encoder"] = fs.local_copy(options.text_encoder) if fs.is_remote(options.text_encoder) \
+            else options.text_encoder
     return GLIP.from_preset(options.preset, **overrides)
 
 
@@ -149,27 +152,33 @@ class MetricsLog:
 
     An append-only log (not rewritten atomically per line); a torn last line from a crash is
     ignored by ``read_metrics``. On resume the rows after the resumed step are cut (one atomic
-    rewrite) so the curve continues without duplicates.
+    rewrite) so the curve continues without duplicates. With ``--out`` on an object store the
+    log is kept in ``RunOutput``'s staging folder and uploaded from time to time.
     """
 
-    def __init__(self, out: Path, start_step: int):
-        self.path = out / METRICS
-        rows = [r for r in read_metrics(self.path) if r.get("step", 0) <= start_step]
+    def __init__(self, run: RunOutput, start_step: int):
+        self.run, self.path = run, run.metrics_path
+        source = fs.join(run.out, METRICS) if run.remote else self.path
+        rows = [r for r in read_metrics(source) if r.get("step", 0) <= start_step]
         with atomic_write(self.path, "w") as fh:
             fh.writelines(json.dumps(r) + "\n" for r in rows)
+        run.upload_metrics(force=True)
 
     def write(self, row: dict[str, Any]) -> None:
         with open(self.path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(row) + "\n")
             fh.flush()
+        self.run.upload_metrics()
 
 
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The rows of a ``metrics.jsonl`` (a torn last line is skipped)."""
-    if not path.is_file():
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a ``metrics.jsonl``, local or a URI (a torn last line is skipped)."""
+    try:
+        text = fs.read_text(path)
+    except (FileNotFoundError, IsADirectoryError):
         return []
     rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in text.splitlines():
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError:
@@ -183,11 +192,23 @@ def run_worker(config: dict[str, Any], ctx: WorkerContext = WorkerContext()) -> 
     """Train until ``options.steps``; rank 0 returns a summary dict, other ranks None.
 
     ``config``: ``options`` (TrainOptions), ``sources`` (TrainingSources), ``out`` (absolute
-    output folder), ``resume_from`` (checkpoint folder or None), ``heldout`` (HeldOutSets).
+    output folder or URI), ``resume_from`` (checkpoint folder or None), ``heldout`` (HeldOutSets).
     """
     options: TrainOptions = config["options"]
     rank, world, device = ctx.rank, ctx.world, ctx.device
-    out = Path(config["out"])
+    out = fs.normalize(config["out"])
+    run = RunOutput(out) if rank == 0 else None
+    try:
+        return _train_worker(config, ctx, out, run)
+    finally:
+        if run is not None:
+            run.close()
+
+
+def _train_worker(config: dict[str, Any], ctx: WorkerContext, out: str,
+                  run: RunOutput | None) -> dict[str, Any] | None:
+    options: TrainOptions = config["options"]
+    rank, world, device = ctx.rank, ctx.world, ctx.device
     torch.set_num_threads(max(1, int(options.cpus_per_worker)))
     resume_from = config.get("resume_from")
     state = load_train_state(resume_from) if resume_from else None
@@ -233,7 +254,7 @@ def run_worker(config: dict[str, Any], ctx: WorkerContext = WorkerContext()) -> 
     if options.amp and not amp and rank == 0:
         log.warning("--amp needs a GPU: training in float32")
 
-    metrics = MetricsLog(out, start_step) if rank == 0 else None
+    metrics = MetricsLog(run, start_step) if rank == 0 else None
     evaluator = None
     if rank == 0 and config.get("heldout"):
         from pipelines.training.heldout import HeldOutEvaluator
@@ -302,7 +323,7 @@ def run_worker(config: dict[str, Any], ctx: WorkerContext = WorkerContext()) -> 
                 train_state = {"step": done, "optimizer": optimizer.state_dict(),
                                "scheduler": scheduler.state_dict(), "world_size": world,
                                "ranks": rank_states, "loss_terms": names, "options": options.to_dict()}
-                save_checkpoint(out, done, model.save_pretrained, train_state, options.keep)
+                run.save_checkpoint(done, model.save_pretrained, train_state, options.keep)
             last_checkpoint = checkpoint_dir(out, done)
             window_start = time.perf_counter()   # samples/s measures training, not checkpoint writes
 
@@ -310,9 +331,7 @@ def run_worker(config: dict[str, Any], ctx: WorkerContext = WorkerContext()) -> 
     peaks = _gather(peak_memory_mb(device), world)
     if rank != 0:
         return None
-    final = latest_checkpoint(out)
-    if final is not None:
-        publish(final, out)
+    run.publish_final()
     seconds = time.perf_counter() - run_start
     trained = (options.steps - start_step) * options.batch_size * world
     return {"step": options.steps, "start_step": start_step, "counts": merge_counts(all_counts),

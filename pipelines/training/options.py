@@ -4,32 +4,49 @@ Pure Python (no torch, no Ray) so the CLI, the demo and the tests build options 
 """
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from storage import fs
 from storage.errors import InputError
 
 SOURCES = ("gold", "pseudo", "detection")
 
 
+_JSON_THEN_EQUALS = re.compile(r"\.jsonl?=", re.IGNORECASE)
+
+
 @dataclass(frozen=True)
 class AnnotatedImages:
-    """An annotation file and the folder its ``file_name`` entries are relative to."""
+    """An annotation file and the folder its ``file_name`` entries are relative to (local paths or URIs)."""
     annotations: str
     image_root: str
 
     @classmethod
     def parse(cls, value: str, option: str) -> "AnnotatedImages":
-        """``ANN.json=IMAGE_DIR`` -> AnnotatedImages; raises InputError naming ``option``."""
-        ann, sep, root = value.partition("=")
+        """``ANN.json=IMAGE_DIR`` -> AnnotatedImages (paths normalized); raises InputError naming ``option``.
+
+        Split after ``.json=`` when there is one, else at the first ``=``, so a URI with ``=``
+        in it (``s3://b/date=2024/ann.json=s3://b/images``) parses.
+        """
+        m = _JSON_THEN_EQUALS.search(value)
+        if m:
+            ann, sep, root = value[:m.end() - 1], "=", value[m.end():]
+        else:
+            ann, sep, root = value.partition("=")
         if not sep or not ann or not root:
             raise InputError(f"{option} {value!r}: expected ANN.json=IMAGE_DIR")
-        if not Path(ann).is_file():
+        try:
+            ann_there, root_there = fs.is_file(ann), fs.is_dir(root)
+        except OSError as exc:
+            raise InputError(f"{option} {value!r}: cannot be read ({exc})") from None
+        if not ann_there:
             raise InputError(f"{option}: annotation file {ann} does not exist")
-        if not Path(root).is_dir():
+        if not root_there:
             raise InputError(f"{option}: image folder {root} does not exist")
-        return cls(ann, root)
+        return cls(fs.normalize(ann), fs.normalize(root))
 
 
 def parse_mix(value: str | None) -> dict[str, float]:
@@ -119,28 +136,34 @@ class TrainOptions:
         present = {"gold": bool(self.gold), "pseudo": bool(self.pseudo), "detection": bool(self.detection)}
         if not any(self.mix.get(name, 0) > 0 for name, there in present.items() if there):
             raise InputError(f"--mix gives weight 0 to every source given ({', '.join(k for k, v in present.items() if v)})")
-        if self.init and not Path(self.init).exists():
-            raise InputError(f"--init {self.init} does not exist")
-        if self.text_encoder and not Path(self.text_encoder).exists():
-            raise InputError(f"--text-encoder {self.text_encoder} does not exist")
-        for path in self.pseudo:
-            if not Path(path).exists():
-                raise InputError(f"--pseudo {path} does not exist")
+        for name, paths in [("--init", [self.init]), ("--text-encoder", [self.text_encoder]),
+                            ("--pseudo", self.pseudo)]:
+            for path in paths:
+                if path and not _exists(path, name):
+                    raise InputError(f"{name} {path} does not exist")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready options, recorded in the manifest."""
         return asdict(self)
 
 
+def _exists(path: str, option: str) -> bool:
+    try:
+        return fs.exists(path)
+    except OSError as exc:
+        raise InputError(f"{option} {path}: cannot be read ({exc})") from None
+
+
 @dataclass
 class TrainResult:
-    """What a finished run produced: ``out`` loads with ``GLIP.from_pretrained``."""
-    out: Path
+    """What a finished run produced: ``out`` loads with ``GLIP.from_pretrained`` (after
+    ``storage.checkpoints.local_model`` when it is a URI)."""
+    out: Path | str                          # a local folder, or a URI string
     step: int
     start_step: int
     metrics: list[dict[str, Any]]            # the metrics.jsonl rows written by this run
     counts: dict[str, dict[str, Any]]        # per source: read, written (= trained on), skipped by reason
-    checkpoints: list[Path]
+    checkpoints: list[Path | str]
     seconds: float
     samples_per_s: float                     # trained samples / seconds of the loop (all workers)
     peak_memory_mb: list[dict[str, float]] = field(default_factory=list)   # per rank: rss (+ cuda)

@@ -6,25 +6,32 @@ workers, DDP over gloo (CPU) or NCCL (GPU). Rank 0 writes checkpoints and ``metr
 straight into ``--out`` (see ``checkpointing`` for why not Ray Train's own checkpoints);
 the driver follows ``metrics.jsonl`` for the progress bar and writes ``_manifest.json``.
 
-On a cluster ``--out`` and the input files must be on storage every node sees (as Ray
-Train itself requires for multi-node runs; its own run state goes to ``OUT/_ray``). Gold and
+Every path may be a local path or a URI (``storage.fs``); local ones are made absolute
+before they enter the train config. On a cluster, local paths must be on storage every
+node sees; an ``s3://`` / ``gs://`` ``--out`` needs nothing shared: rank 0 uploads and
+commits its checkpoints there (``checkpointing.RunOutput``) and Ray Train's own run state
+goes to ``OUT/_ray`` through the same filesystem. Gold and
 detection records travel to the workers inside the train config (one pickle through Ray's
 object store; every worker holds its copy, about 1-2 KB per record).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
+from storage import fs
+from storage.checkpoints import CONFIG, RUN_FILES
 from storage.errors import InputError
 from storage.manifest import Manifest
 from storage.skips import StageCounts
 
-from pipelines.training.checkpointing import latest_checkpoint, list_checkpoints, load_train_state, publish
-from pipelines.training.options import TrainOptions, TrainResult
+from pipelines.training.checkpointing import (Location, checkpoint_step, clear_run, latest_checkpoint,
+                                              list_checkpoints, publish_checkpoint)
+from pipelines.training.options import AnnotatedImages, TrainOptions, TrainResult
 from pipelines.training.sources import load_sources
 
 log = logging.getLogger("glipctl.train")
@@ -33,37 +40,47 @@ STAGE = "train-student"
 
 
 # What a run writes into --out; --overwrite deletes exactly these (and nothing else there).
-RUN_OUTPUTS = ("checkpoints", "_ray", "metrics.jsonl", "_manifest.json", "config.json", "model.safetensors",
-               "tokenizer", "train_state.pt")
+RUN_OUTPUTS = RUN_FILES + (CONFIG, "model.safetensors", "tokenizer")
 
 
-def _clear_previous_run(out: Path) -> None:
-    import shutil
-
-    for name in RUN_OUTPUTS:
-        path = out / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
+def _clear_previous_run(out: str) -> None:
+    clear_run(out, RUN_OUTPUTS)
 
 
-def _resume_point(options: TrainOptions, out: Path) -> Path | None:
-    existing = latest_checkpoint(out)
+def normalized_options(options: TrainOptions) -> TrainOptions:
+    """``options`` with every local path absolute (URIs as given): what Ray workers receive."""
+    def spec(s: AnnotatedImages) -> AnnotatedImages:
+        return AnnotatedImages(fs.normalize(s.annotations), fs.normalize(s.image_root))
+
+    def path(p: str | None) -> str | None:
+        return fs.normalize(p) if p else p
+
+    return dataclasses.replace(
+        options, out=fs.normalize(options.out), gold=[spec(g) for g in options.gold],
+        detection=[spec(d) for d in options.detection], eval=[spec(e) for e in options.eval],
+        pseudo=[fs.normalize(p) for p in options.pseudo], init=path(options.init),
+        text_encoder=path(options.text_encoder))
+
+
+def _resume_point(options: TrainOptions, out: str) -> Location | None:
+    try:
+        existing = latest_checkpoint(out)
+    except ValueError as exc:      # an unreadable pointer on an object store
+        raise InputError(f"{exc}; pass --overwrite to start over") from None
     if existing is not None and not options.resume and not options.overwrite:
-        raise InputError(f"{out} already holds checkpoints (newest {existing.name}); "
+        raise InputError(f"{out} already holds checkpoints (newest {fs.name_of(existing)}); "
                          f"pass --resume to continue that run, --overwrite to start over, or choose another --out")
     if options.resume and existing is None:
         log.warning("--resume: no checkpoint in %s yet, starting from step 0", out)
     return existing if options.resume else None
 
 
-def _model_identity(options: TrainOptions, resume_from: Path | None) -> dict[str, Any]:
+def _model_identity(options: TrainOptions, resume_from: Location | None) -> dict[str, Any]:
     return {"preset": options.preset, "init": options.init, "text_encoder": options.text_encoder,
             "overrides": options.model_overrides, "resumed_from": str(resume_from) if resume_from else None}
 
 
-def _write_manifest(out: Path, options: TrainOptions, resume_from: Path | None, status: str,
+def _write_manifest(out: str, options: TrainOptions, resume_from: Location | None, status: str,
                     counts: dict[str, dict], step: int, error: str | None = None) -> None:
     manifest = Manifest(stage=STAGE, options=options.to_dict(), model=_model_identity(options, resume_from))
     for name, c in counts.items():
@@ -93,8 +110,9 @@ def _driver_counts(sources_counts: dict[str, StageCounts], worker_counts: dict[s
 class _Progress:
     """Follows ``metrics.jsonl`` from a thread: step, loss terms, samples/s, ETA (rich)."""
 
-    def __init__(self, path: Path, start_step: int, steps: int, enabled: bool):
+    def __init__(self, path: str, start_step: int, steps: int, enabled: bool):
         self.path, self.start_step, self.steps, self.enabled = path, start_step, steps, enabled
+        self.interval = 5.0 if fs.is_remote(path) else 1.0     # one GET per poll on object stores
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -120,7 +138,7 @@ class _Progress:
             task = bar.add_task("train", total=self.steps, completed=self.start_step, info="starting workers")
             seen = 0
             while True:
-                stopping = self._stop.wait(1.0)
+                stopping = self._stop.wait(self.interval)
                 rows = [r for r in read_metrics(self.path) if r.get("step", 0) > self.start_step]
                 if len(rows) > seen:
                     seen, row = len(rows), rows[-1]
@@ -180,24 +198,25 @@ def train(options: TrainOptions, progress: bool = True) -> TrainResult:
 
     from pipelines.common import ensure_ray
     from pipelines.training.heldout import HeldOutSet
-    from pipelines.training.loop import TrainingDiverged, TrainingFailed, ray_train_worker, read_metrics
+    from pipelines.training.loop import METRICS, TrainingDiverged, TrainingFailed, ray_train_worker, read_metrics
 
     options.validate()
-    out = Path(options.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    options = normalized_options(options)
+    out = options.out
+    fs.makedirs(out)
     resume_from = _resume_point(options, out)
+    result_out: Path | str = out if fs.is_remote(out) else Path(out)
     started = time.perf_counter()
-    if resume_from is not None:
-        done_step = int(load_train_state(resume_from)["step"])
-        if done_step >= options.steps:
-            publish(resume_from, out)
-            log.warning("%s is already at step %d (>= --steps %d): nothing to train", out, done_step, options.steps)
-            return TrainResult(out, done_step, done_step, [], {}, [p for _, p in list_checkpoints(out)], 0.0, 0.0)
+    start_step = checkpoint_step(resume_from) if resume_from is not None else 0
+    if resume_from is not None and start_step >= options.steps:
+        publish_checkpoint(resume_from, out)
+        log.warning("%s is already at step %d (>= --steps %d): nothing to train", out, start_step, options.steps)
+        return TrainResult(result_out, start_step, start_step, [], {}, [p for _, p in list_checkpoints(out)],
+                           0.0, 0.0)
 
     sources = load_sources(options.gold, options.detection, options.pseudo)
     eval_counts = StageCounts()
     heldout = [HeldOutSet.load(spec, eval_counts) for spec in options.eval]
-    start_step = int(load_train_state(resume_from)["step"]) if resume_from else 0
     ensure_ray(options.address)
     _check_resources(options)
     if options.overwrite:   # only now: bad input must not cost the previous run
@@ -208,17 +227,22 @@ def train(options: TrainOptions, progress: bool = True) -> TrainResult:
     resources = {"CPU": options.cpus_per_worker}
     if use_gpu:
         resources["GPU"] = options.gpus_per_worker
-    config = {"options": options, "sources": sources, "out": str(out),
+    config = {"options": options, "sources": sources, "out": out,
               "resume_from": str(resume_from) if resume_from else None, "heldout": heldout}
+    if fs.is_remote(out):   # Ray Train's run state through the same filesystem (its endpoint, its keys)
+        ray_fs, ray_path = fs.resolve(fs.join(out, "_ray"))
+        storage = {"storage_path": ray_path, "storage_filesystem": ray_fs}
+    else:
+        storage = {"storage_path": fs.join(out, "_ray")}
     trainer = TorchTrainer(
         ray_train_worker, train_loop_config=config,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=options.workers, use_gpu=use_gpu, resources_per_worker=resources),
-        run_config=RunConfig(name=f"train-student-{int(time.time() * 1000)}", storage_path=str(out / "_ray"),
+        run_config=RunConfig(name=f"train-student-{int(time.time() * 1000)}", **storage,
                              failure_config=FailureConfig(max_failures=0)),
     )
     try:
-        with _Progress(out / "metrics.jsonl", start_step, options.steps, progress):
+        with _Progress(fs.join(out, METRICS), start_step, options.steps, progress):
             result = trainer.fit()
     except Exception as exc:   # Ray Train wraps worker errors; surface ours as they are
         inner = _unwrap_worker_error(exc)
@@ -235,8 +259,8 @@ def train(options: TrainOptions, progress: bool = True) -> TrainResult:
     summary = result.return_value or {}
     counts = _driver_counts(sources.counts, summary.get("counts", {}))
     _write_manifest(out, options, resume_from, "done", counts, options.steps)
-    rows = [r for r in read_metrics(out / "metrics.jsonl") if r.get("step", 0) > start_step]
-    return TrainResult(out=out, step=int(summary.get("step", options.steps)), start_step=start_step, metrics=rows,
+    rows = [r for r in read_metrics(fs.join(out, METRICS)) if r.get("step", 0) > start_step]
+    return TrainResult(out=result_out, step=int(summary.get("step", options.steps)), start_step=start_step, metrics=rows,
                        counts=counts, checkpoints=[p for _, p in list_checkpoints(out)],
                        seconds=time.perf_counter() - started,
                        samples_per_s=float(summary.get("samples_per_s", 0.0)),

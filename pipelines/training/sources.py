@@ -3,13 +3,14 @@
 Gold and detection annotations are read once here (``storage`` readers), checked against
 the image folders and validated, so bad input fails before any worker starts and every
 skipped record is counted with its reason. Pseudo-label shards stay on disk: only their
-file list travels to the workers, which stream them (``sampling.PseudoStream``).
+file list travels to the workers, which stream them (``sampling.PseudoStream``). Every path
+is a local path (made absolute here) or a URI; image paths take the form of their root.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
+from storage import fs
 from storage.errors import InputError
 from storage.records import GroundedSample
 from storage.skips import StageCounts
@@ -115,10 +116,9 @@ def load_sources(gold: list[AnnotatedImages], detection: list[AnnotatedImages],
     """Load and check every source given on the command line (driver side)."""
     sources = TrainingSources(counts={name: StageCounts() for name in ("gold", "detection", "pseudo")})
     # absolute paths: Ray Train workers need not share the driver's working directory
-    gold = [AnnotatedImages(str(Path(g.annotations).resolve()), str(Path(g.image_root).resolve())) for g in gold]
-    detection = [AnnotatedImages(str(Path(d.annotations).resolve()), str(Path(d.image_root).resolve()))
-                 for d in detection]
-    pseudo = [str(Path(p).resolve()) for p in pseudo]
+    gold = [AnnotatedImages(fs.normalize(g.annotations), fs.normalize(g.image_root)) for g in gold]
+    detection = [AnnotatedImages(fs.normalize(d.annotations), fs.normalize(d.image_root)) for d in detection]
+    pseudo = [fs.normalize(p) for p in pseudo]
     if gold:
         sources.gold = load_gold(gold, sources.counts["gold"])
     if detection:
