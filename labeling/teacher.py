@@ -39,32 +39,37 @@ OFFICIAL_MIN_SIZE, OFFICIAL_MAX_SIZE = 800, 1333
 
 
 # ----------------------------------------------------------------------------- identity
-def _file_sha256(path: Path) -> str:
+def _file_sha256(path: str) -> str:
+    from storage import fs
+
     h = hashlib.sha256()
-    with open(path, "rb") as fh:
+    with fs.open_input_stream(path) as fh:
         while chunk := fh.read(_HASH_CHUNK):
             h.update(chunk)
     return h.hexdigest()
 
 
 def checkpoint_sha256(path: str | Path) -> str:
-    """sha256 identifying a checkpoint.
+    """sha256 identifying a checkpoint (a local path or a URI).
 
     A file (official ``.pth``): the sha256 of its bytes, the number people compare
     with ``sha256sum``. A glipctl checkpoint directory: the sha256 of the sorted lines
     ``"<relative path> <sha256 of file>\\n"`` over every file that defines the model
     (config, weights, tokenizer), leaving out training-resume state and hidden files.
+    The same checkpoint gives the same number on a laptop disk and in a bucket.
     """
-    path = Path(path)
-    if path.is_file():
+    from storage import fs
+
+    path = fs.normalize(path)
+    if fs.is_file(path):
         return _file_sha256(path)
     lines = []
-    for f in sorted(p for p in path.rglob("*") if p.is_file()):
-        rel = f.relative_to(path).as_posix()
-        if f.name in _NON_MODEL_FILES or any(part.startswith(".") for part in Path(rel).parts):
+    for entry in fs.list_dir(path, recursive=True):
+        parts = entry.name.split("/")
+        if parts[-1] in _NON_MODEL_FILES or any(part.startswith(".") for part in parts):
             continue
-        lines.append(f"{rel} {_file_sha256(f)}\n")
-    return hashlib.sha256("".join(lines).encode("utf-8")).hexdigest()
+        lines.append(f"{entry.name} {_file_sha256(entry.path)}\n")
+    return hashlib.sha256("".join(sorted(lines)).encode("utf-8")).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -87,22 +92,57 @@ class TeacherIdentity:
         return {"path": self.path, "sha256": self.sha256, "kind": self.kind, "source": self.source}
 
 
-def teacher_identity(path: str | Path) -> TeacherIdentity:
-    """Identify the teacher at ``path``; ``InputError`` when it is not a checkpoint."""
-    p = Path(path)
-    if not p.exists():
-        raise InputError(f"{p}: teacher checkpoint not found")
-    if p.is_dir():
-        if not (p / "config.json").is_file():
-            raise InputError(f"{p}: not a glipctl checkpoint (no config.json); "
+_OFFICIAL_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+
+
+def _teacher_kind(path: str) -> str:
+    """"glipctl" or "official" for the checkpoint at ``path``; ``InputError`` naming what is wrong."""
+    from storage import fs
+
+    try:
+        folder = fs.is_dir(path)
+        there = folder or fs.exists(path)
+    except OSError as exc:      # credentials, unknown bucket, unreachable endpoint
+        raise InputError(f"{path}: teacher checkpoint cannot be read ({exc})") from None
+    if not there:
+        raise InputError(f"{path}: teacher checkpoint not found")
+    if folder:
+        if not fs.is_file(fs.join(path, "config.json")):
+            raise InputError(f"{path}: not a glipctl checkpoint (no config.json); "
                              f"pass a checkpoint directory or an official GLIP .pth")
-        kind = "glipctl"
-    elif p.suffix.lower() in (".pth", ".pt", ".bin", ".ckpt"):
-        kind = "official"
-    else:
-        raise InputError(f"{p}: not a teacher checkpoint (expected a glipctl checkpoint directory "
-                         f"or an official GLIP .pth)")
-    return TeacherIdentity(str(p.resolve()), checkpoint_sha256(p), kind)
+        return "glipctl"
+    if fs.suffix_of(path) in _OFFICIAL_SUFFIXES:
+        return "official"
+    raise InputError(f"{path}: not a teacher checkpoint (expected a glipctl checkpoint directory "
+                     f"or an official GLIP .pth)")
+
+
+def check_teacher(path: str | Path) -> str:
+    """Refuse, in the driver, a teacher no actor could load; returns its kind.
+
+    A checkpoint folder needs its config.json; a file (``.pth``, ``.pt``, ``.bin``, ``.ckpt``)
+    must be an official GLIP-T/GLIP-L checkpoint that ``glip.convert`` reads (memory-mapped,
+    ``weights_only``). Raises ``InputError``.
+    """
+    from storage import fs
+
+    path = fs.normalize(path)
+    kind = _teacher_kind(path)
+    if kind == "official":   # memory-mapped: the weights are not read, only the keys and shapes
+        from glip.convert import detect_preset, load_official_state_dict
+
+        local = fs.local_copy(path)
+        detect_preset(load_official_state_dict(local), path)
+    return kind
+
+
+def teacher_identity(path: str | Path) -> TeacherIdentity:
+    """Identify the teacher at ``path`` (local or URI); ``InputError`` when it is not a checkpoint."""
+    from storage import fs
+
+    path = fs.normalize(path)
+    kind = _teacher_kind(path)
+    return TeacherIdentity(path, checkpoint_sha256(path), kind)
 
 
 # ----------------------------------------------------------------------------- CPU resize
@@ -138,13 +178,16 @@ def teacher_resize(path: str | Path, image_size: int | None = None) -> TeacherRe
     ``image_size`` overrides the shorter side; the longer-side cap scales with it so the
     checkpoint's aspect-ratio limit is kept (800/1333 -> 400/666).
     """
-    p = Path(path)
-    if p.is_dir():
+    from storage import fs
+
+    p = fs.normalize(path)
+    if fs.is_dir(p):
+        config = fs.join(p, "config.json")
         try:
-            cfg = json.loads((p / "config.json").read_text(encoding="utf-8"))
+            cfg = fs.read_json(config)
             min_size, max_size = int(cfg["min_size"]), int(cfg["max_size"])
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise InputError(f"{p / 'config.json'}: unreadable teacher config ({exc})") from exc
+            raise InputError(f"{config}: unreadable teacher config ({exc})") from exc
     else:
         min_size, max_size = OFFICIAL_MIN_SIZE, OFFICIAL_MAX_SIZE
     if image_size is not None:

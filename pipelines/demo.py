@@ -160,7 +160,8 @@ def score_pseudo_labels(pseudo_dir: Path, truth_json: Path, rare_shapes: tuple[s
     stats = {"boxes": 0, "named": 0, "correct": 0, "noise_boxes": 0, "rare_boxes": 0, "rare_correct": 0}
     found_rare: set[tuple[str, int]] = set()
     for sample, _ in iter_shard_samples([str(pseudo_dir)], StageCounts()):
-        objects = truth.get(sample.key, [])
+        crawled_key = sample.extra.get("source_key", sample.key)   # the truth is keyed by crawled key
+        objects = truth.get(crawled_key, [])
         for b in sample.boxes:
             stats["boxes"] += 1
             s, e = b.tokens_positive[0]
@@ -177,7 +178,7 @@ def score_pseudo_labels(pseudo_dir: Path, truth_json: Path, rare_shapes: tuple[s
                     stats["correct"] += 1
                     stats["rare_correct"] += rare
                     if rare:
-                        found_rare.add((sample.key, k))
+                        found_rare.add((crawled_key, k))
                     break
     rare_total = sum(1 for objs in truth.values() for o in objs if o["shape"] in rare_shapes)
     stats["precision"] = stats["correct"] / stats["named"] if stats["named"] else 0.0

@@ -1,21 +1,26 @@
 """The pseudo-label stage on Ray Data: crawled images + phrase files -> teacher -> WebDataset shards.
 
-Dataflow (streaming; every arrow is a Ray Data operator)::
+The input shard is the unit of work (img2dataset's rule)::
 
     one row per pending input shard
-      -> read_shard     (task, 0.25 CPU)  crawled records joined with the shard's phrase file by key
-      -> decode_batch   (task, 0.25 CPU)  labeling.images.decode_image + TeacherResize (uint8)
       -> TeacherWorker  (autoscaling actor pool (1, N); num_gpus when the cluster has GPUs)
-                        batched grounding + labeling.filters
-      -> driver         ShardSink: one ShardWriter per input shard, manifest entry per finished shard
+           for its shard, end to end, where the teacher runs:
+           read (storage.fs stream) + join with the shard's phrase file by key   [prefetch thread]
+           -> decode + resize                                                   [decode thread]
+           -> batches of images of one padded shape -> teacher -> labeling.filters
+           -> ShardWriter straight to --out (tars + label tables), in input order
+           -> the shard's commit record (storage.manifest.commit_shard)
+      -> driver: one small row per shard (counts, output names, checksums): manifest + progress
 
-Rows are plain columns (strings, ints, bytes) so no Arrow tensor extension is involved:
-``kind`` is "sample" (an image to label), "skip" (decode or the teacher said no) or "end"
-(one per shard, after its last row: how many rows the read emitted and its read counts).
-The driver closes a shard when its "end" row has arrived together with that many rows, so
-shards finish (and are marked done in ``_manifest.json``) while others still stream. Blocks
-hold about one teacher batch (``block_bytes``), so decoding overlaps inference and results
-come back as they are made.
+No image bytes, pixels or caption rows reach the driver, and its work per row is O(1); encoded
+bytes are decoded in the actor that labels them, so pixels never cross nodes.
+
+A label is a function of (image, caption, teacher, options) alone: images are batched only with
+images of the same padded shape (each padded exactly as it would be alone; ``GLIPTeacher``), so
+batch neighbours, worker count, retries and lost nodes do not move a box. Samples are written in
+input order, so a shard redone after a crash gives byte-identical tars. Keys are
+``<input shard>/<crawled key>``: unique across the whole input (two img2dataset runs both start at
+key 000000000) and traceable to their source; a repeated key within a shard is a counted skip.
 
 Bad input (DESIGN.md: counted skips, never a crash), by reason in the manifest:
 ``corrupt_image``, ``truncated_image``, ``image_too_small`` (1x1 etc.), ``decompression_bomb``,
@@ -29,41 +34,48 @@ white), grayscale, palette and CMYK images are labeled; their stored bytes stay 
 An image where no phrase passes the threshold is written with its phrases ungrounded and
 counted as ``without_boxes`` (a negative example for the student).
 
-Failures: a read that raises emits its "end" row with the error; the shard is recorded as
-failed and the others go on. A worker that dies is restarted by Ray and its batch retried
-(``max_restarts=-1``, ``max_task_retries=3``); a batch that keeps failing is dropped
-(``max_errored_blocks=-1``) and the shards short of rows at the end are retried once, each
-alone (batches mix neighbouring shards); one that fails again is recorded with its error.
-A re-run retries exactly the shards not marked done, after deleting their partial tars.
+Failures: a shard whose read raises comes back as a row with the error; it is recorded failed
+(no commit) and the others go on. An actor that dies (a preempted node, a CUDA error: the
+worker exits on purpose so that Ray restarts it instead of skipping every later image) is
+restarted by Ray and its shard retried (``max_restarts=-1``, ``max_task_retries=3``); a shard
+that kills its actor every time is recorded failed ("lost"). A re-run redoes exactly the
+shards without a commit record; their objects are rewritten under the same names.
 
-Reading the output with Ray Data: ``ray.data.read_webdataset(paths, decoder=None)`` gives the
-original bytes; Ray's default decoder cannot put grayscale (2-D) and colour (3-D) arrays in
-one block.
+Reading the output with Ray Data: ``ray.data.read_webdataset(tars, decoder=None)`` gives the
+original bytes (pass the tars, not the folder: it also holds label tables and the manifest);
+Ray's default decoder cannot put grayscale (2-D) and colour (3-D) arrays in one block.
 """
 from __future__ import annotations
 
 import json
 import logging
+import os
+import queue
+import threading
 import time
 import traceback
 import warnings
-from collections import Counter
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator
 
 from labeling.filters import FilterConfig
 from labeling.teacher import TeacherIdentity, TeacherResize
+from storage import fs
 from storage.crawled import CrawledShard
-from storage.manifest import Manifest
-from storage.shards import ShardWriter
+from storage.manifest import Manifest, clear_shard, commit_shard
 from storage.skips import StageCounts
 
 log = logging.getLogger("glipctl")
 
 STAGE = "pseudo-label"
-READ_CHUNK = 32                  # rows per yield of a read task (Ray re-blocks them by block_bytes)
 SUPPORTED_EXTENSIONS = ("jpg", "png", "webp")   # what storage.shards readers accept as images
+PRECISIONS = ("fp32", "bf16")
+MANIFEST_SAVE_INTERVAL_S = 2.0
+# A batch in which more than this share of images fail one by one is the device's fault, not
+# the images': the actor exits and Ray restarts it.
+DEVICE_FAILURE_SHARE = 0.5
 
 # Read-side skip reasons (decode-side ones are labeling.images.SKIP_*).
 SKIP_NO_PHRASE_ROW = "no_phrase_row"                   # image whose key is absent from the phrase file
@@ -75,232 +87,119 @@ SKIP_UNSUPPORTED_FORMAT = "unsupported_image_format"   # decodable, but not jpg/
 SKIP_TEACHER_ERROR = "teacher_error"
 
 
-def phrase_file_for(phrases_dir: str | Path, shard: CrawledShard) -> Path:
+def phrase_file_for(phrases_dir: str, shard: CrawledShard) -> str:
     """Where parse-captions wrote the phrases of ``shard``: ``<dir>/<shard name>.parquet``."""
-    return Path(phrases_dir) / f"{shard.name}.parquet"
+    return fs.join(phrases_dir, f"{shard.name}.parquet")
 
 
-def output_pattern(name: str) -> str:
-    """Glob of the tars ShardWriter writes for input shard ``name``."""
-    return f"{name}-[0-9][0-9][0-9][0-9][0-9].tar"
-
-
-# ------------------------------------------------------------------------------------------ rows
-def _row(kind: str, shard: str, **values: Any) -> dict[str, Any]:
-    """One pipeline row with every column present (Arrow needs one schema for all rows)."""
-    row = {"kind": kind, "shard": shard, "key": "", "caption": "", "phrases": "[]", "url": "",
-           "source_index": -1, "image": b"", "ext": "", "pixels": b"", "ph": 0, "pw": 0,
-           "width": 0, "height": 0, "reason": "", "detail": "", "expected": 0, "counts": "",
-           "sample": "", "boxes": 0, "dropped": "", "ready_at": 0.0}
-    row.update(values)
-    return row
-
-
-def _rows_to_table(rows: list[dict[str, Any]]):
-    """Rows -> a pyarrow Table (the batch format of every stage: bytes stay bytes).
-
-    Not numpy batches: Arrow binary -> numpy may become fixed-width ``S`` arrays, which
-    strip trailing NUL bytes, and image bytes may end in NUL.
-    """
-    import pyarrow as pa
-
-    return pa.Table.from_pylist(rows)
-
-
-def _table_to_rows(table) -> list[dict[str, Any]]:
-    return table.to_pylist()
+def sample_key(shard: str, key: str) -> str:
+    """The key of a pseudo-labeled sample: unique across every input shard of a run."""
+    return f"{shard}/{key}"
 
 
 # ------------------------------------------------------------------------------------------ read
-def read_shard(spec: dict[str, Any], chunk: int = READ_CHUNK) -> Iterator[list[dict[str, Any]]]:
-    """Join one crawled shard with its phrase file by key; yield chunks of "sample" rows, then "end".
+def iter_joined(spec: dict[str, Any], counts: StageCounts) -> Iterator[dict[str, Any]]:
+    """The shard's images joined with its phrase file by key, in input order.
 
-    ``spec``: ``{"shard": CrawledShard fields as dict, "phrase_file": path}``. Records whose
-    key has no phrase row, phrase rows whose key has no image, captions without phrases and
-    repeated keys are counted skips in the shard's read counts (carried by the "end" row).
-    Never raises: an unexpected error ends the shard with the error in its "end" row.
+    ``spec``: ``{"shard": CrawledShard.to_dict(), "phrase_file": path}``. Yields
+    ``{key, caption, phrases, url, source_index, image}`` (phrases: list of
+    ``{text, start, end, root}`` with valid spans). Images whose key has no phrase row,
+    phrase rows whose key has no image, captions without phrases and repeated keys are
+    counted skips. Raises when the shard or phrase file cannot be read at all.
     """
+    from storage.phrase_files import iter_phrase_rows
+    from storage.records import span_is_valid
+
     shard = CrawledShard(**spec["shard"])
-    counts = StageCounts()
-    emitted = 0
-    pending: list[dict[str, Any]] = []
-    error = ""
-    try:
-        from storage.phrase_files import iter_phrase_rows
-        from storage.records import span_is_valid
-
-        phrase_rows = {}
-        for prow in iter_phrase_rows(spec["phrase_file"]):
-            phrase_rows.setdefault(str(prow["key"]), prow)
-        seen: set[str] = set()
-        for rec in shard.iter_records(counts, with_images=True):
-            key = rec["key"]
-            where = f"{shard.path} key {key}"
-            if key in seen:
-                counts.skip(SKIP_DUPLICATE_KEY, where)
+    phrase_rows: dict[str, dict] = {}
+    for prow in iter_phrase_rows(spec["phrase_file"]):
+        phrase_rows.setdefault(str(prow["key"]), {"caption": prow["caption"], "phrases": prow["phrases"]})
+    seen: set[str] = set()
+    for rec in shard.iter_records(counts, with_images=True):
+        key = rec["key"]
+        where = f"{shard.path} key {key}"
+        if key in seen:
+            counts.skip(SKIP_DUPLICATE_KEY, where)
+            continue
+        seen.add(key)
+        prow = phrase_rows.get(key)
+        if prow is None:
+            counts.skip(SKIP_NO_PHRASE_ROW, where, f"not in {spec['phrase_file']}")
+            continue
+        caption = prow["caption"] or ""
+        phrases = []
+        for p in prow["phrases"] or []:
+            start, end = int(p["start"]), int(p["end"])
+            if not span_is_valid(start, end, caption):   # never hand the teacher a bad span
+                counts.skip(SKIP_BAD_SPAN, where, f"[{start}, {end}) in a {len(caption)}-char caption")
                 continue
-            seen.add(key)
-            prow = phrase_rows.get(key)
-            if prow is None:
-                counts.skip(SKIP_NO_PHRASE_ROW, where, f"not in {spec['phrase_file']}")
-                continue
-            caption = prow["caption"] or ""
-            phrases = []
-            for p in prow.get("phrases") or []:
-                start, end = int(p["start"]), int(p["end"])
-                if not span_is_valid(start, end, caption):   # never hand the teacher a bad span
-                    counts.skip(SKIP_BAD_SPAN, where, f"[{start}, {end}) in a {len(caption)}-char caption")
-                    continue
-                phrases.append({"text": caption[start:end], "start": start, "end": end, "root": p.get("root")})
-            if not phrases:
-                counts.skip(SKIP_NO_PHRASES, where)
-                continue
-            pending.append(_row("sample", shard.name, key=key, caption=caption,
-                                phrases=json.dumps(phrases), url=rec.get("url") or "",
-                                source_index=int(rec["source_index"]), image=rec["image"]))
-            emitted += 1
-            if len(pending) >= chunk:
-                yield pending
-                pending = []
-        for key in phrase_rows.keys() - seen:
-            counts.skip(SKIP_PHRASE_WITHOUT_IMAGE, f"{spec['phrase_file']} key {key}")
-    except Exception as exc:  # noqa: BLE001 - any failure of one shard must not end the run
-        error = f"{type(exc).__name__}: {exc}"
-    pending.append(_row("end", shard.name, expected=emitted, counts=json.dumps(counts.to_dict()),
-                        detail=error))
-    yield pending
+            phrases.append({"text": caption[start:end], "start": start, "end": end, "root": p.get("root")})
+        if not phrases:
+            counts.skip(SKIP_NO_PHRASES, where)
+            continue
+        yield {"key": key, "caption": caption, "phrases": phrases, "url": rec.get("url") or "",
+               "source_index": int(rec["source_index"]), "image": rec["image"]}
+    for key in sorted(phrase_rows.keys() - seen):
+        counts.skip(SKIP_PHRASE_WITHOUT_IMAGE, f"{spec['phrase_file']} key {key}")
 
 
-def read_shard_batches(batch) -> Iterator[Any]:
-    """Ray ``map_batches`` adapter of ``read_shard`` (a pyarrow batch of shard specs as JSON)."""
-    for spec_json in batch.column("spec").to_pylist():
-        for rows in read_shard(json.loads(spec_json)):
-            yield _rows_to_table(rows)
-
-
-# ------------------------------------------------------------------------------------------ decode
-def decode_rows(rows: list[dict[str, Any]], resize: TeacherResize) -> list[dict[str, Any]]:
-    """Decode and resize each "sample" row's image; undecodable ones become "skip" rows."""
+def decode_item(item: dict[str, Any], resize: TeacherResize) -> dict[str, Any]:
+    """Decode and resize one joined item: adds ``pixels`` (uint8 [h, w, 3]), ``width``,
+    ``height``, ``ext``; or ``skip`` (a reason) and ``detail`` when it cannot be labeled."""
     from labeling.images import DecodedImage, decode_image
 
-    out = []
-    for row in rows:
-        if row["kind"] != "sample":
-            out.append(row)
-            continue
-        decoded = decode_image(row["image"])
-        if not isinstance(decoded, DecodedImage):
-            out.append({**row, "kind": "skip", "image": b"", "reason": decoded.reason,
-                        "detail": decoded.detail[:200]})
-            continue
-        if decoded.extension not in SUPPORTED_EXTENSIONS:
-            out.append({**row, "kind": "skip", "image": b"", "reason": SKIP_UNSUPPORTED_FORMAT,
-                        "detail": decoded.format})
-            continue
-        pixels = resize(decoded.image)
-        out.append({**row, "pixels": pixels.tobytes(), "ph": int(pixels.shape[0]),
-                    "pw": int(pixels.shape[1]), "width": decoded.width, "height": decoded.height,
-                    "ext": decoded.extension})
-    return out
+    decoded = decode_image(item["image"])
+    if not isinstance(decoded, DecodedImage):
+        return {**item, "skip": decoded.reason, "detail": decoded.detail[:200]}
+    if decoded.extension not in SUPPORTED_EXTENSIONS:
+        return {**item, "skip": SKIP_UNSUPPORTED_FORMAT, "detail": decoded.format}
+    return {**item, "pixels": resize(decoded.image), "width": decoded.width, "height": decoded.height,
+            "ext": decoded.extension}
 
 
-def decode_batch(batch, min_size: int, max_size: int):
-    """Ray ``map_batches`` adapter of ``decode_rows`` (pyarrow in, pyarrow out)."""
-    return _rows_to_table(decode_rows(_table_to_rows(batch), TeacherResize(min_size, max_size)))
+def _prefetched(items: Iterator[Any], depth: int) -> Iterator[Any]:
+    """``items`` produced by a background thread, at most ``depth`` ahead (overlaps storage reads)."""
+    done = object()
+    q: queue.Queue = queue.Queue(maxsize=max(1, depth))
+    stop = threading.Event()
 
-
-# ------------------------------------------------------------------------------------------ teacher
-def label_rows(rows: list[dict[str, Any]], teacher, config: FilterConfig,
-               extra: dict[str, Any]) -> list[dict[str, Any]]:
-    """Ground the "sample" rows in one teacher call and turn detections into grounded samples.
-
-    A batch that makes the teacher raise is retried one image at a time, so one bad
-    record costs a ``teacher_error`` skip, not the batch.
-    """
-    import numpy as np
-
-    from labeling.filters import pseudo_sample
-
-    todo = [i for i, r in enumerate(rows) if r["kind"] == "sample"]
-    out = [dict(r, pixels=b"") if r["kind"] != "sample" else r for r in rows]
-
-    def ground(indices: list[int]) -> list[list[list[dict[str, Any]]]]:
-        images = [np.frombuffer(rows[i]["pixels"], dtype=np.uint8).reshape(rows[i]["ph"], rows[i]["pw"], 3)
-                  for i in indices]
-        return teacher.ground(images, [(rows[i]["width"], rows[i]["height"]) for i in indices],
-                              [rows[i]["caption"] for i in indices],
-                              [[(p["start"], p["end"]) for p in json.loads(rows[i]["phrases"])]
-                               for i in indices],
-                              threshold=config.threshold, nms_iou=config.nms_iou)
-
-    results: dict[int, Any] = {}
-    if todo:
+    def produce() -> None:
         try:
-            results = dict(zip(todo, ground(todo)))
-        except Exception:  # noqa: BLE001 - isolate the record that breaks the teacher
-            for i in todo:
-                try:
-                    results[i] = ground([i])[0]
-                except Exception as exc:  # noqa: BLE001
-                    results[i] = exc
-    for i in todo:
-        row = rows[i]
-        result = results[i]
-        if isinstance(result, Exception):
-            out[i] = dict(row, kind="skip", pixels=b"", image=b"", reason=SKIP_TEACHER_ERROR,
-                          detail=f"{type(result).__name__}: {result}"[:200])
-            continue
-        sample_extra = {k: v for k, v in extra.items() if k != "teacher_source"}
-        sample_extra.update(source_shard=row["shard"], source_index=row["source_index"])
-        if row["url"]:
-            sample_extra["url"] = row["url"]
-        sample, dropped = pseudo_sample(row["key"], row["caption"], row["width"], row["height"],
-                                        json.loads(row["phrases"]), result, config,
-                                        extra["teacher_source"], sample_extra)
-        out[i] = dict(row, pixels=b"", sample=json.dumps(sample.to_dict()), boxes=len(sample.boxes),
-                      dropped=json.dumps(dict(dropped)))
-    return out
+            for item in items:
+                if stop.is_set():
+                    return
+                q.put(item)
+            q.put(done)
+        except BaseException as exc:   # noqa: BLE001 - re-raised in the consumer
+            q.put(exc)
+
+    thread = threading.Thread(target=produce, daemon=True, name="glipctl-read")
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():      # unblock a producer waiting on a full queue
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                thread.join(0.05)
 
 
-class TeacherWorker:
-    """Ray Data callable class: the teacher model, loaded once per actor."""
-
-    def __init__(self, teacher_path: str, identity: dict[str, str], config: dict[str, Any],
-                 extra: dict[str, Any], use_gpu: bool):
-        import torch
-
-        from labeling.teacher import GLIPTeacher
-
-        device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-        ident = TeacherIdentity(identity["path"], identity["sha256"], identity["kind"])
-        self.teacher = GLIPTeacher.load(teacher_path, ident, device=device)
-        self.config = FilterConfig(**config)
-        self.extra = extra
-        self.ready_at = time.time()     # wall clock: lets the driver separate model loading from labeling
-
-    def __call__(self, batch):
-        rows = label_rows(_table_to_rows(batch), self.teacher, self.config, self.extra)
-        return _rows_to_table([dict(r, ready_at=self.ready_at) for r in rows])
-
-
-# ------------------------------------------------------------------------------------------ driver side
+# ------------------------------------------------------------------------------------------ one shard
 @dataclass
-class ShardProgress:
-    """What the driver knows about one input shard while its rows stream in."""
-    name: str
+class ShardTally:
+    """What labeling one input shard read, wrote and skipped (the manifest entry's counts)."""
     counts: StageCounts = field(default_factory=StageCounts)
-    received: int = 0
-    expected: int | None = None
-    error: str = ""
     boxes: int = 0
     without_boxes: int = 0
     box_drops: Counter = field(default_factory=Counter)
-    writer: ShardWriter | None = None
-    seen: set[str] = field(default_factory=set)     # keys received: a re-delivered row is ignored
-
-    @property
-    def complete(self) -> bool:
-        return self.expected is not None and self.received >= self.expected
 
     def summary(self) -> dict[str, Any]:
         d = self.counts.to_dict()
@@ -309,179 +208,246 @@ class ShardProgress:
         return d
 
 
-class ShardSink:
-    """Writes results grouped by input shard; marks each shard in the manifest as it finishes."""
-
-    def __init__(self, out_dir: Path, manifest: Manifest, names: list[str], max_samples: int,
-                 on_update: Callable[[int, int], None] | None = None,
-                 paths: dict[str, str] | None = None):
-        self.out_dir = out_dir
-        self.paths = paths or {}
-        self.manifest = manifest
-        self.max_samples = max_samples
-        self.shards = {n: ShardProgress(n) for n in names}
-        self.on_update = on_update or (lambda images, boxes: None)
-        self.first_ready_at: float | None = None   # wall time the first teacher finished loading
-
-    def add(self, row: dict[str, Any]) -> None:
-        sp = self.shards.get(row["shard"])
-        if sp is None:      # the shard already finished: a re-delivered row
-            log.warning("ignoring a late result for finished shard %s (key %s)", row["shard"], row["key"])
-            return
-        kind = row["kind"]
-        if row.get("ready_at"):
-            self.first_ready_at = min(self.first_ready_at or row["ready_at"], row["ready_at"])
-        if kind != "end" and row["key"] in sp.seen:
-            log.warning("ignoring a repeated result for shard %s key %s", sp.name, row["key"])
-            return
-        if kind == "end":
-            sp.expected = int(row["expected"])
-            read_counts = StageCounts.from_dict(json.loads(row["counts"]))
-            sp.counts.read += read_counts.read
-            sp.counts.skipped.update(read_counts.skipped)
-            sp.error = row["detail"] or ""
-        else:
-            sp.received += 1
-            sp.seen.add(row["key"])
-            if kind == "skip":
-                where = f"{self.paths.get(sp.name, 'shard ' + sp.name)} key {row['key']}"
-                sp.counts.skip(row["reason"], where, row["detail"])
-            else:
-                self._write(sp, row)
-        if sp.complete:
-            self._finish(sp)
-
-    def _write(self, sp: ShardProgress, row: dict[str, Any]) -> None:
-        from storage.records import GroundedSample
-
-        if sp.writer is None:
-            sp.writer = ShardWriter(self.out_dir, sp.name, max_samples=self.max_samples)
-        sp.writer.write(GroundedSample.from_dict(json.loads(row["sample"])), row["image"], row["ext"])
-        sp.counts.written += 1
-        n_boxes = int(row["boxes"])
-        sp.boxes += n_boxes
-        sp.without_boxes += n_boxes == 0
-        if row["dropped"]:
-            sp.box_drops.update(json.loads(row["dropped"]))
-        self.on_update(1, n_boxes)
-
-    def _finish(self, sp: ShardProgress) -> None:
-        if sp.error:
-            self._fail(sp, sp.error)
-            return
-        outputs = []
-        if sp.writer is not None:
-            sp.writer.close()
-            outputs = sp.writer.outputs
-            sp.writer = None
-        self.manifest.mark(sp.name, "done", counts=sp.summary(), outputs=outputs)
-        self.manifest.save(self.out_dir)
-        del self.shards[sp.name]
-        self.on_update(0, 0)         # the progress bar's shard count moves
-
-    def _fail(self, sp: ShardProgress, error: str) -> None:
-        if sp.writer is not None:
-            sp.writer._abort()       # removes the unfinished tar
-            sp.writer = None
-        for stale in self.out_dir.glob(output_pattern(sp.name)):
-            stale.unlink()           # finished parts of a failed shard would look like output
-        self.manifest.mark(sp.name, "failed", counts=sp.summary(), error=error)
-        self.manifest.save(self.out_dir)
-        self.shards.pop(sp.name, None)
-        self.on_update(0, 0)
-
-    def fail_unfinished(self, error: str) -> list[str]:
-        """Record every shard still open (its rows were lost) as failed; returns their names."""
-        names = []
-        for sp in list(self.shards.values()):
-            lost = "" if sp.expected is None else f" ({sp.received} of {sp.expected} results arrived)"
-            self._fail(sp, sp.error or error + lost)
-            names.append(sp.name)
-        return names
-
-    def abort(self) -> None:
-        """Interrupted: drop unfinished tars, leave the manifest as it is (those shards redo)."""
-        for sp in self.shards.values():
-            if sp.writer is not None:
-                sp.writer._abort()
-                sp.writer = None
+class TeacherDeviceError(RuntimeError):
+    """The accelerator failed (or most of a batch did): the actor must be replaced, not the images skipped."""
 
 
-def block_bytes(resize: TeacherResize, batch_size: int) -> int:
-    """Bytes of ~``batch_size`` decoded rows: resized pixels (<= min x max x 3) + ~100 KB of JPEG."""
-    row = resize.min_size * resize.max_size * 3 + 100_000
-    return max(256 * 1024, batch_size * row)
+def _device_error_type() -> type:
+    try:
+        from labeling.teacher import TeacherDeviceError as teacher_error   # the teacher's own, when it has one
+        return teacher_error
+    except ImportError:
+        return TeacherDeviceError
 
 
-def build_dataset(specs: list[dict[str, Any]], *, resize: TeacherResize, teacher_path: str,
-                  identity: TeacherIdentity, config: FilterConfig, extra: dict[str, Any],
-                  workers: int, batch_size: int, gpus_per_worker: float, actor_cpus: float = 1.0,
-                  worker_cls: type | None = None):
-    """The lazy Ray Dataset of labeled rows for ``specs`` (one per pending input shard).
+class ShardLabeler:
+    """Labels whole input shards with one loaded teacher and writes their output (no Ray here).
 
-    ``worker_cls``: ``TeacherWorker`` or a subclass (fault injection in tests).
+    Images are grouped by the teacher's padded shape (``teacher.bucket_of``) into batches of
+    ``batch_size``; a group is also run early when the images waiting for it hold up more than
+    ``max_buffered`` results (memory stays bounded whatever the shard's size). Samples are
+    written in input order.
     """
+
+    def __init__(self, teacher, config: FilterConfig, extra: dict[str, Any], resize: TeacherResize,
+                 batch_size: int, max_samples_per_tar: int, max_buffered: int | None = None,
+                 decode_threads: int = 1):
+        self.teacher = teacher
+        self.config = config
+        self.extra = extra
+        self.resize = resize
+        self.batch_size = batch_size
+        self.max_samples_per_tar = max_samples_per_tar
+        self.max_buffered = max_buffered or max(4 * batch_size, 16)
+        self.decode_threads = decode_threads
+        self._device_error = _device_error_type()
+
+    def bucket_of(self, pixels) -> tuple:
+        bucket = getattr(self.teacher, "bucket_of", None)
+        return tuple(bucket(pixels)) if bucket is not None else tuple(pixels.shape[:2])
+
+    def label_shard(self, spec: dict[str, Any]) -> dict[str, Any]:
+        """Label one shard into ``spec["out_dir"]`` and commit it; returns its manifest entry.
+
+        Raises when the shard cannot be read or written (the caller records it failed) and
+        ``TeacherDeviceError`` when the accelerator fails.
+        """
+        from storage.shards import ShardWriter
+
+        started = time.perf_counter()
+        name = spec["shard"]["name"]
+        out_dir = spec["out_dir"]
+        tally = ShardTally()
+        writer = ShardWriter(out_dir, name, max_samples=self.max_samples_per_tar)
+        with writer, ThreadPoolExecutor(self.decode_threads, thread_name_prefix="glipctl-decode") as pool:
+            order = _InOrder(lambda result: self._write(writer, tally, result))
+            buckets: dict[tuple, list[tuple[int, dict]]] = {}
+            waiting = 0                            # decoded items sitting in buckets
+            decoding: deque = deque()
+
+            def take_decoded() -> None:
+                nonlocal waiting
+                seq, item = decoding.popleft()
+                item = item.result()
+                if "skip" in item:
+                    tally.counts.skip(item["skip"], f"{spec['shard']['path']} key {item['key']}", item["detail"])
+                    order.put(seq, None)
+                    return
+                bucket = buckets.setdefault(self.bucket_of(item["pixels"]), [])
+                bucket.append((seq, item))
+                waiting += 1
+                if len(bucket) >= self.batch_size:
+                    run(self.bucket_of(item["pixels"]))
+                while waiting + order.held > self.max_buffered:   # the oldest result holds the rest up
+                    run(min(buckets, key=lambda b: buckets[b][0][0]))
+
+            def run(bucket_key: tuple) -> None:
+                nonlocal waiting
+                batch = buckets.pop(bucket_key)
+                waiting -= len(batch)
+                for (seq, _), result in zip(batch, self._label_batch(name, [it for _, it in batch])):
+                    order.put(seq, result)
+
+            items = _prefetched(iter_joined(spec, tally.counts), depth=2 * self.batch_size)
+            for seq, item in enumerate(items):
+                decoding.append((seq, pool.submit(decode_item, item, self.resize)))
+                if len(decoding) > self.decode_threads + self.batch_size:
+                    take_decoded()
+            while decoding:
+                take_decoded()
+            while buckets:
+                run(min(buckets, key=lambda b: buckets[b][0][0]))
+        entry = {"status": "done", "stage": STAGE, "counts": tally.summary(), "outputs": writer.outputs,
+                 "labels": writer.labels, "checksums": writer.checksums,
+                 "seconds": round(time.perf_counter() - started, 3)}
+        commit_shard(out_dir, name, entry)   # the commit point: every object above is complete
+        return entry
+
+    def _label_batch(self, shard: str, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Ground one batch; a batch that makes the teacher raise is retried image by image, so
+        one bad record costs a ``teacher_error`` skip, not the batch."""
+        from labeling.filters import pseudo_sample
+
+        def ground(batch: list[dict]) -> list:
+            return self.teacher.ground([it["pixels"] for it in batch], [(it["width"], it["height"]) for it in batch],
+                                       [it["caption"] for it in batch],
+                                       [[(p["start"], p["end"]) for p in it["phrases"]] for it in batch],
+                                       threshold=self.config.threshold, nms_iou=self.config.nms_iou)
+
+        try:
+            results: list = ground(items)
+        except self._device_error:
+            raise
+        except Exception:  # noqa: BLE001 - isolate the record that breaks the teacher
+            results = []
+            for it in items:
+                try:
+                    results.append(ground([it])[0])
+                except self._device_error:
+                    raise
+                except Exception as exc:  # noqa: BLE001
+                    results.append(exc)
+            failed = sum(isinstance(r, Exception) for r in results)
+            if len(items) > 1 and failed > DEVICE_FAILURE_SHARE * len(items):
+                raise self._device_error(f"{failed} of {len(items)} images of one batch failed; "
+                                         f"first: {next(r for r in results if isinstance(r, Exception))}")
+        out = []
+        sample_extra = {k: v for k, v in self.extra.items() if k != "teacher_source"}
+        for it, result in zip(items, results):
+            if isinstance(result, Exception):
+                out.append({"key": it["key"], "skip": SKIP_TEACHER_ERROR,
+                            "detail": f"{type(result).__name__}: {result}"[:200]})
+                continue
+            extra = dict(sample_extra, source_shard=shard, source_key=it["key"], source_index=it["source_index"])
+            if it["url"]:
+                extra["url"] = it["url"]
+            sample, dropped = pseudo_sample(sample_key(shard, it["key"]), it["caption"], it["width"], it["height"],
+                                            it["phrases"], result, self.config, self.extra["teacher_source"], extra)
+            out.append({"sample": sample, "image": it["image"], "ext": it["ext"], "dropped": dropped})
+        return out
+
+    @staticmethod
+    def _write(writer, tally: ShardTally, result: dict[str, Any] | None) -> None:
+        if result is None:
+            return
+        if "skip" in result:
+            tally.counts.skip(result["skip"], f"key {result['key']}", result["detail"])
+            return
+        sample = result["sample"]
+        writer.write(sample, result["image"], result["ext"])
+        tally.counts.written += 1
+        tally.boxes += len(sample.boxes)
+        tally.without_boxes += not sample.boxes
+        tally.box_drops.update(result["dropped"])
+
+
+class _InOrder:
+    """Hands results to ``emit`` in sequence order, holding those that arrive early."""
+
+    def __init__(self, emit: Callable[[Any], None]):
+        self.emit = emit
+        self.next = 0
+        self.early: dict[int, Any] = {}
+
+    @property
+    def held(self) -> int:
+        return len(self.early)
+
+    def put(self, seq: int, value: Any) -> None:
+        self.early[seq] = value
+        while self.next in self.early:
+            self.emit(self.early.pop(self.next))
+            self.next += 1
+
+
+# ------------------------------------------------------------------------------------------ Ray actor
+class TeacherWorker:
+    """Ray Data callable class: the teacher, loaded once per actor; each call labels whole shards.
+
+    In: a table with a ``spec`` column (one JSON shard spec per row). Out: per shard one row
+    ``{shard, entry, error, ready_at}`` (``entry``: the committed manifest entry as JSON).
+    """
+
+    def __init__(self, teacher_path: str, identity: dict[str, str], config: dict[str, Any],
+                 extra: dict[str, Any], use_gpu: bool, precision: str, resize: dict[str, int],
+                 batch_size: int, max_samples_per_tar: int):
+        from labeling.teacher import GLIPTeacher
+
+        device = "cuda" if use_gpu else "cpu"
+        ident = TeacherIdentity(identity["path"], identity["sha256"], identity["kind"])
+        kwargs = {"precision": precision} if precision != "fp32" else {}
+        teacher = GLIPTeacher.load(fs.local_copy(teacher_path), ident, device=device, **kwargs)
+        self.labeler = ShardLabeler(teacher, FilterConfig(**config), extra, TeacherResize(**resize),
+                                    batch_size, max_samples_per_tar)
+        self.ready_at = time.time()     # wall clock: lets the driver separate model loading from labeling
+
+    def __call__(self, batch):
+        import pyarrow as pa
+
+        rows = []
+        for spec_json in batch.column("spec").to_pylist():
+            spec = json.loads(spec_json)
+            entry, error = "", ""
+            try:
+                entry = json.dumps(self.labeler.label_shard(spec))
+            except self.labeler._device_error as exc:
+                # Replace this process: Ray restarts the actor and retries the shard elsewhere.
+                log.error("teacher device failure on shard %s, restarting the actor: %s", spec["shard"]["name"], exc)
+                os._exit(3)
+            except Exception as exc:  # noqa: BLE001 - one shard's failure must not end the run
+                error = format_exception(exc)[:2000]
+            rows.append({"shard": spec["shard"]["name"], "entry": entry, "error": error, "ready_at": self.ready_at})
+        return pa.Table.from_pylist(rows, schema=pa.schema([("shard", pa.string()), ("entry", pa.string()),
+                                                            ("error", pa.string()), ("ready_at", pa.float64())]))
+
+
+def build_dataset(specs: list[dict[str, Any]], *, worker_cls: type, worker_kwargs: dict[str, Any],
+                  workers: int, gpus_per_worker: float, actor_cpus: float):
+    """The lazy Ray Dataset of one result row per shard spec."""
     import ray
 
-    ds = ray.data.from_items([{"spec": json.dumps(s)} for s in specs],
-                             override_num_blocks=max(1, len(specs)))
-    # The dataset's own copy of the DataContext (shared by the datasets derived from it):
-    # other Ray Data users in this process keep their settings.
+    ds = ray.data.from_items([{"spec": json.dumps(s)} for s in specs], override_num_blocks=max(1, len(specs)))
+    # The dataset's own copy of the DataContext: other Ray Data users in this process keep theirs.
     ctx = ds.context
-    ctx.max_errored_blocks = -1   # a batch that keeps failing costs its shard, not the run
+    ctx.max_errored_blocks = -1   # a shard that keeps killing its actor costs that shard, not the run
     ctx.enable_progress_bars = False          # the command draws its own (images/s, boxes/s)
     ctx.print_on_execution_start = False
     ctx.enable_auto_log_stats = False
-    # Blocks of about one teacher batch, so results stream back (and shards finish) while the
-    # rest is labeled; Ray's 128 MiB default would make each input shard one block.
-    ctx.target_max_block_size = block_bytes(resize, batch_size)
-    ds = ds.map_batches(read_shard_batches, batch_size=1, num_cpus=0.25, batch_format="pyarrow")
-    ds = ds.map_batches(decode_batch, fn_kwargs={"min_size": resize.min_size, "max_size": resize.max_size},
-                        batch_size=batch_size, num_cpus=0.25, batch_format="pyarrow")
+    use_gpu = gpus_per_worker > 0
+    size = max(1, workers)
     with warnings.catch_warnings():
         # max_task_retries has no named parameter yet (Ray 2.60 deprecates **ray_remote_args
-        # for 2.64); without it a batch that kills its actor every time is retried forever.
+        # for 2.64); without it a shard that kills its actor every time is retried forever.
         warnings.simplefilter("ignore", DeprecationWarning)
-        ds = _teacher_stage(ds, worker_cls or TeacherWorker, teacher_path, identity, config, extra,
-                            workers, batch_size, gpus_per_worker, actor_cpus)
-    return ds
-
-
-def _teacher_stage(ds, worker_cls: type, teacher_path: str, identity: TeacherIdentity, config: FilterConfig,
-                   extra: dict[str, Any], workers: int, batch_size: int, gpus_per_worker: float,
-                   actor_cpus: float):
-    """Append the teacher actor pool (autoscaling between 1 and ``workers`` actors) to ``ds``."""
-    import ray
-
-    use_gpu = gpus_per_worker > 0
-    ds = ds.map_batches(
-        worker_cls,
-        fn_constructor_kwargs={"teacher_path": teacher_path, "identity": identity.to_dict(),
-                               "config": config.to_dict(), "extra": extra, "use_gpu": use_gpu},
-        batch_size=batch_size, batch_format="pyarrow",
-        # autoscaling pool: a lost node shrinks it instead of deadlocking (DESIGN.md)
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, workers)),
-        num_gpus=gpus_per_worker if use_gpu else None,
-        num_cpus=actor_cpus,
-        # a dead actor is restarted (a preempted node); a batch that kills it 3 times is dropped
-        max_restarts=-1, max_task_retries=3,
-    )
-    return ds
-
-
-def run_pipeline(ds, sink: ShardSink) -> list[str]:
-    """Stream the dataset's rows into ``sink``; shards short of rows at the end are failed.
-
-    Returns the names of shards that lost rows (a batch dropped after its retries).
-    """
-    try:
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            for row in _table_to_rows(batch):
-                sink.add(row)
-    except BaseException:
-        sink.abort()
-        raise
-    return sink.fail_unfinished("results lost in the pipeline (a task failed repeatedly; see Ray logs)")
+        return ds.map_batches(
+            worker_cls, fn_constructor_kwargs={**worker_kwargs, "use_gpu": use_gpu},
+            batch_size=1, batch_format="pyarrow",
+            # autoscaling pool: a lost node shrinks it instead of deadlocking (DESIGN.md); it
+            # starts at full size (no ramp-up while the first teachers load)
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=size, initial_size=min(size, len(specs))),
+            num_gpus=gpus_per_worker if use_gpu else None, num_cpus=actor_cpus,
+            # a dead actor is restarted (a preempted node); a shard that kills it 3 times is dropped
+            max_restarts=-1, max_task_retries=3)
 
 
 # ------------------------------------------------------------------------------------------ the stage
@@ -495,9 +461,10 @@ class PseudoLabelOptions:
     max_boxes_per_phrase: int
     min_box_size: float
     image_size: int | None = None
-    workers: int = 1
+    workers: int | None = None               # None: GPUs / gpus_per_worker on a GPU cluster, else its CPUs
     batch_size: int = 8
     gpus_per_worker: float | None = None     # None: 1 when the cluster has GPUs, else 0
+    precision: str = "fp32"                  # "bf16": autocast (GPU)
     max_samples_per_tar: int = 10000
     caption_field: str = "caption"
     overwrite: bool = False
@@ -509,7 +476,7 @@ class PseudoLabelOptions:
 
 # Options that change what is written: a resumed run must use the same ones.
 OUTPUT_OPTIONS = ("threshold", "nms_iou", "max_boxes_per_phrase", "min_box_size", "teacher_sha256",
-                  "teacher_min_size", "teacher_max_size")
+                  "teacher_min_size", "teacher_max_size", "precision", "max_samples_per_tar")
 
 
 @dataclass
@@ -521,6 +488,7 @@ class PseudoLabelResult:
     images: int = 0
     boxes: int = 0
     seconds: float = 0.0
+    workers: int = 0
     teacher_ready_seconds: float | None = None   # from the start until the first teacher had loaded
 
     def totals(self) -> dict[str, Any]:
@@ -537,14 +505,16 @@ def _output_options(options: PseudoLabelOptions, identity: TeacherIdentity,
     return {"threshold": options.threshold, "nms_iou": options.nms_iou,
             "max_boxes_per_phrase": options.max_boxes_per_phrase, "min_box_size": options.min_box_size,
             "teacher_sha256": identity.sha256, "teacher_min_size": resize.min_size,
-            "teacher_max_size": resize.max_size}
+            "teacher_max_size": resize.max_size, "precision": options.precision,
+            "max_samples_per_tar": options.max_samples_per_tar}
 
 
-def open_manifest(out_dir: Path, options: PseudoLabelOptions, identity: TeacherIdentity,
+def open_manifest(out_dir: str, options: PseudoLabelOptions, identity: TeacherIdentity,
                   resize: TeacherResize) -> Manifest:
-    """The manifest to resume from, or a fresh one; ``InputError`` when options changed."""
-    from dataclasses import asdict
+    """The manifest to resume from, or a fresh one; ``InputError`` when options changed.
 
+    ``--overwrite`` forgets every shard of an earlier run (commit records first, then outputs).
+    """
     recorded = dict(asdict(options), **_output_options(options, identity, resize))
     if not options.overwrite:
         old = Manifest.resumable(out_dir, STAGE, recorded, OUTPUT_OPTIONS)
@@ -555,136 +525,164 @@ def open_manifest(out_dir: Path, options: PseudoLabelOptions, identity: TeacherI
             old = Manifest.load(out_dir)
         except ValueError:
             old = None          # unreadable: nothing of it to keep
-        for entry in (old.shards.values() if old is not None and old.stage == STAGE else []):
-            for name in entry.get("outputs") or []:
-                (out_dir / name).unlink(missing_ok=True)
+        for name, entry in (old.shards.items() if old is not None and old.stage == STAGE else ()):
+            clear_shard(out_dir, name, (entry.get("outputs") or []) + (entry.get("labels") or []))
     return Manifest(stage=STAGE, options=recorded, model=identity.to_dict())
 
 
 def check_options(options: PseudoLabelOptions) -> None:
-    """Cheap checks of the user's paths (no hashing, no Ray): ``InputError`` naming the bad one."""
-    from labeling.teacher import teacher_resize
+    """Cheap checks of the user's paths (no Ray): ``InputError`` naming the bad one."""
+    from labeling.teacher import check_teacher, teacher_resize
     from storage.errors import InputError
 
-    teacher = Path(options.teacher)
-    if not teacher.exists():
-        raise InputError(f"{teacher}: teacher checkpoint not found")
-    if teacher.is_dir() and not (teacher / "config.json").is_file():
-        raise InputError(f"{teacher}: not a glipctl checkpoint (no config.json); "
-                         f"pass a checkpoint directory or an official GLIP .pth")
-    teacher_resize(teacher, options.image_size)            # an unreadable config.json is exit 2
-    if not Path(options.phrases).is_dir():
+    if options.precision not in PRECISIONS:
+        raise InputError(f"--precision {options.precision!r}: expected one of {', '.join(PRECISIONS)}")
+    check_teacher(options.teacher)        # not found, not a checkpoint, or a file torch cannot read
+    teacher_resize(options.teacher, options.image_size)            # an unreadable config.json is exit 2
+    try:
+        there = fs.is_dir(options.phrases)
+    except OSError as exc:
+        raise InputError(f"{options.phrases}: cannot be read ({exc})") from None
+    if not there:
         raise InputError(f"{options.phrases}: phrases folder not found (the --out of parse-captions)")
 
 
 def _actor_cpus(workers: int, cluster_cpus: float, use_gpu: bool) -> float:
-    """CPUs per teacher actor: one (half beside a GPU) unless that leaves reads no room.
+    """CPUs per teacher actor: one (half beside a GPU) unless that leaves the cluster no slack.
 
-    DESIGN.md: whole-CPU actors filling the cluster starve (and after a node loss deadlock)
-    the read/decode tasks; asking slightly less keeps a slot for them.
+    DESIGN.md: whole-CPU actors filling the cluster deadlock after a node loss (the restarting
+    actor waits for CPUs the survivors hold); asking slightly less keeps a slot free.
     """
     want = 0.5 if use_gpu else 1.0
-    return max(0.1, min(want, (cluster_cpus - 0.5) / max(1, workers)))
+    return max(0.1, min(want, (cluster_cpus - 0.1) / max(1, workers)))
 
 
-def run_pseudo_label(shards: list[CrawledShard], out_dir: str | Path, options: PseudoLabelOptions,
+def default_workers(cluster: dict[str, float], gpus_per_worker: float) -> int:
+    """Teacher actors when ``--workers`` is not given: one per GPU share, else one per CPU."""
+    if gpus_per_worker > 0:
+        return max(1, int(cluster.get("GPU", 0) / gpus_per_worker))
+    return max(1, int(cluster.get("CPU", 1)))
+
+
+def run_pseudo_label(shards: list[CrawledShard], out_dir: str, options: PseudoLabelOptions,
                      on_progress: Callable[[int, int, int, int], None] | None = None,
                      worker_cls: type | None = None) -> PseudoLabelResult:
     """Label every input shard not yet done into ``out_dir``; Ray must already be initialised.
 
     ``on_progress(images_so_far, boxes_so_far, shards_finished, shards_total)`` is called as
-    results arrive. The manifest is saved whenever a shard finishes. ``worker_cls``
-    replaces ``TeacherWorker`` (a subclass, e.g. for fault injection in tests).
+    shards finish. The manifest summary is saved every few seconds and at the end (the commit
+    records the workers write are the truth). ``worker_cls`` replaces ``TeacherWorker`` (a
+    subclass, e.g. for fault injection in tests).
     """
     import ray
 
     from labeling.teacher import teacher_identity, teacher_resize
     from storage.errors import InputError
 
-    out_dir = Path(out_dir)
-    identity = teacher_identity(options.teacher)
-    resize = teacher_resize(options.teacher, options.image_size)
-    phrases_dir = Path(options.phrases)
-    if not phrases_dir.is_dir():
+    out_dir = fs.normalize(out_dir)
+    phrases_dir = fs.normalize(options.phrases)
+    teacher_path = fs.normalize(options.teacher)
+    identity = teacher_identity(teacher_path)
+    resize = teacher_resize(teacher_path, options.image_size)
+    if not fs.is_dir(phrases_dir):
         raise InputError(f"{phrases_dir}: phrases folder not found (the --out of parse-captions)")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    fs.makedirs(out_dir)
     manifest = open_manifest(out_dir, options, identity, resize)
     result = PseudoLabelResult(manifest)
 
+    phrase_files = {e.name for e in fs.list_dir(phrases_dir) if not e.is_dir}
     pending, missing = [], []
     for shard in shards:
-        entry = manifest.shards.get(shard.name, {})
-        if manifest.is_done(shard.name) and all((out_dir / o).exists() for o in entry.get("outputs") or []):
+        if manifest.is_done(shard.name):
             result.resumed.append(shard.name)
-        elif not phrase_file_for(phrases_dir, shard).exists():
+        elif f"{shard.name}.parquet" not in phrase_files:
             missing.append(shard)
         else:
             pending.append(shard)
     if missing and not pending and not result.resumed:
         raise InputError(f"{phrases_dir}: no phrase file for any input shard (expected e.g. "
-                         f"{phrase_file_for(phrases_dir, missing[0]).name}); run parse-captions first")
+                         f"{missing[0].name}.parquet); run parse-captions first")
     for shard in missing:
         manifest.mark(shard.name, "failed", counts={}, error=f"no phrase file "
                       f"{phrase_file_for(phrases_dir, shard)}; run parse-captions on this shard")
         result.failed.append(shard.name)
-    for shard in pending:   # a shard redone from scratch: tars of an interrupted attempt go first
-        for stale in out_dir.glob(output_pattern(shard.name)):
-            stale.unlink()
+    _remove_unfinished_local_files(out_dir, {s.name for s in pending})
     manifest.save(out_dir)
     if not pending:
         return result
 
+    cluster = ray.cluster_resources()
     gpus = options.gpus_per_worker
     if gpus is None:
-        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-    cluster_cpus = float(ray.cluster_resources().get("CPU", 1.0))
+        gpus = 1.0 if cluster.get("GPU", 0) > 0 else 0.0
+    workers = options.workers or default_workers(cluster, gpus)
+    result.workers = workers
     config = options.filter_config
-    extra = {"teacher_sha256": identity.sha256, "teacher_source": identity.source,
-             **config.to_dict(), "teacher_min_size": resize.min_size, "teacher_max_size": resize.max_size}
-    specs = [{"shard": {"name": s.name, "path": s.path, "kind": s.kind, "caption_field": s.caption_field,
-                        "key_field": s.key_field, "url_field": s.url_field},
-              "phrase_file": str(phrase_file_for(phrases_dir, s))} for s in pending]
-    started = time.perf_counter()
-    started_wall = time.time()
-    names = [s.name for s in pending]
+    extra = {"teacher_sha256": identity.sha256, "teacher_source": identity.source, **config.to_dict(),
+             "teacher_min_size": resize.min_size, "teacher_max_size": resize.max_size,
+             "precision": options.precision}
+    specs = [{"shard": s.to_dict(), "phrase_file": phrase_file_for(phrases_dir, s), "out_dir": out_dir}
+             for s in pending]
+    worker_kwargs = {"teacher_path": teacher_path, "identity": identity.to_dict(), "config": config.to_dict(),
+                     "extra": extra, "precision": options.precision,
+                     "resize": {"min_size": resize.min_size, "max_size": resize.max_size},
+                     "batch_size": options.batch_size, "max_samples_per_tar": options.max_samples_per_tar}
+    started, started_wall = time.perf_counter(), time.time()
+    last_save = [started]
+    finished: set[str] = set()
 
-    def update(images: int, boxes: int) -> None:
-        result.images += images
-        result.boxes += boxes
+    def record(row: dict[str, Any]) -> None:
+        name = row["shard"]
+        if name in finished:            # a retried block delivered twice
+            return
+        finished.add(name)
+        if row["entry"]:
+            entry = json.loads(row["entry"])
+            entry.pop("stage", None)
+            manifest.shards[name] = entry
+            result.done.append(name)
+            result.images += int(entry["counts"].get("written", 0))
+            result.boxes += int(entry["counts"].get("boxes", 0))
+        else:
+            log.warning("shard %s failed: %s", name, row["error"])
+            manifest.mark(name, "failed", counts={}, error=row["error"])
+            result.failed.append(name)
+        if row.get("ready_at") and result.teacher_ready_seconds is None:
+            result.teacher_ready_seconds = max(0.0, row["ready_at"] - started_wall)
+        if time.perf_counter() - last_save[0] >= MANIFEST_SAVE_INTERVAL_S:
+            manifest.save(out_dir)
+            last_save[0] = time.perf_counter()
         if on_progress is not None:
-            finished = sum(manifest.shards.get(n, {}).get("status") in ("done", "failed") for n in names)
-            on_progress(result.images, result.boxes, finished, len(names))
+            on_progress(result.images, result.boxes, len(finished), len(pending))
 
-    def execute(batch_specs: list[dict[str, Any]]) -> list[str]:
-        """One pipeline over ``batch_specs``; returns the shards that lost rows."""
-        sink = ShardSink(out_dir, manifest, [s["shard"]["name"] for s in batch_specs],
-                         options.max_samples_per_tar, update,
-                         paths={s["shard"]["name"]: s["shard"]["path"] for s in batch_specs})
-        ds = build_dataset(batch_specs, resize=resize, teacher_path=options.teacher, identity=identity,
-                           config=config, extra=extra, workers=options.workers, batch_size=options.batch_size,
-                           gpus_per_worker=gpus, actor_cpus=_actor_cpus(options.workers, cluster_cpus, gpus > 0),
-                           worker_cls=worker_cls)
-        try:
-            return run_pipeline(ds, sink)
-        except Exception as exc:   # the pipeline itself broke (e.g. the teacher cannot load)
-            sink.fail_unfinished(f"pipeline error: {format_exception(exc)}"[:2000])
-            return []
-        finally:
-            if sink.first_ready_at is not None and result.teacher_ready_seconds is None:
-                result.teacher_ready_seconds = max(0.0, sink.first_ready_at - started_wall)
-
-    lost = execute(specs)
-    # Batches mix rows of neighbouring shards, so one poisoned batch fails them all. Give
-    # each such shard a second chance alone: the ones that fail again are the bad ones.
-    if len(specs) > 1:
-        for name in lost:
-            log.warning("shard %s lost results; retrying it alone", name)
-            execute([s for s in specs if s["shard"]["name"] == name])
+    ds = build_dataset(specs, worker_cls=worker_cls or TeacherWorker, worker_kwargs=worker_kwargs,
+                       workers=workers, gpus_per_worker=gpus, actor_cpus=_actor_cpus(workers, cluster.get("CPU", 1.0), gpus > 0))
+    error = "results lost in the pipeline (the shard's task failed repeatedly; see Ray logs)"
+    try:
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for row in batch.to_pylist():
+                record(row)
+    except Exception as exc:   # the pipeline itself broke (e.g. the teacher cannot load)
+        error = f"pipeline error: {format_exception(exc)}"[:2000]
+    finally:
+        manifest.save(out_dir)     # interrupted too: what finished stays recorded
+    for shard in pending:
+        if shard.name not in finished:
+            manifest.mark(shard.name, "failed", counts={}, error=error)
+            result.failed.append(shard.name)
     manifest.save(out_dir)
-    for name in names:
-        (result.done if manifest.is_done(name) else result.failed).append(name)
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _remove_unfinished_local_files(out_dir: str, names: set[str]) -> None:
+    """Temporary files a crash left in a local --out for the shards about to be redone."""
+    if fs.is_remote(out_dir):
+        return     # object stores: an unfinished upload is no object; commits decide the rest
+    for entry in fs.list_dir(out_dir):
+        if entry.name.startswith(".") and entry.name.endswith(".tmp") and \
+                entry.name[1:].split("-", 1)[0] in names:
+            fs.delete(entry.path)
 
 
 def format_exception(exc: BaseException) -> str:

@@ -12,13 +12,16 @@ from labeling.filters import (DEFAULT_MAX_BOXES_PER_PHRASE, DEFAULT_MIN_BOX_SIZE
 def main(
     inputs: Annotated[list[str], typer.Argument(
         help="The crawled images: img2dataset output folders, Parquet or JSONL files (the same "
-             "inputs given to parse-captions).", show_default=False)],
+             "inputs given to parse-captions). Local paths or URIs (s3://, gs://, file://).",
+        show_default=False)],
     phrases: Annotated[str, typer.Option("--phrases", help="The --out folder of parse-captions "
-                                         "(one <shard>.parquet per input shard).")],
+                                         "(one <shard>.parquet per input shard); a path or URI.")],
     teacher: Annotated[str, typer.Option("--teacher", help="Teacher checkpoint: a glipctl checkpoint "
-                                         "folder or an official GLIP .pth (converted on load).")],
-    out: Annotated[str, typer.Option("--out", help="Output folder: <shard>-NNNNN.tar WebDataset shards "
-                                     "({key}.jpg + {key}.json) and _manifest.json.")],
+                                         "folder or an official GLIP .pth (converted on load); a path "
+                                         "or URI (copied once per node into GLIPCTL_CACHE_DIR).")],
+    out: Annotated[str, typer.Option("--out", help="Output folder or URI: <shard>-NNNNN.tar WebDataset "
+                                     "shards ({shard}_{key}.jpg + .json), a .labels.parquet table beside "
+                                     "each, _shards/<shard>.json commit records and _manifest.json.")],
     threshold: Annotated[float, typer.Option(
         min=0.0, max=1.0, help="Keep boxes scoring at least this. Default 0.5: the value the official "
         "GLIP demo notebook passes to GLIPDemo.run_on_web_image (microsoft/GLIP; its GLIPDemo default is "
@@ -31,13 +34,18 @@ def main(
     min_box_size: Annotated[float, typer.Option(
         min=0.0, help="Drop boxes whose width or height (after clipping to the image) is under this "
         "many pixels.")] = DEFAULT_MIN_BOX_SIZE,
-    workers: Annotated[int, typer.Option(
-        min=1, help="Most teacher actors at once (the pool scales between 1 and this). Without a GPU each "
-        "actor takes one CPU core (one torch thread): on a CPU-only machine use about one per core.")] = 1,
-    batch_size: Annotated[int, typer.Option(min=1, help="Images per teacher call.")] = 8,
+    workers: Annotated[Optional[int], typer.Option(
+        min=1, help="Most teacher actors at once (the pool starts at this size and shrinks if nodes "
+        "are lost); each labels whole input shards. Default: the cluster's GPUs / --gpus-per-worker, "
+        "or its CPU count on a CPU cluster (each CPU actor runs one torch thread).")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per teacher call (images of one padded "
+                                            "shape; a label never depends on its batch).")] = 8,
     gpus_per_worker: Annotated[Optional[float], typer.Option(
         min=0.0, help="GPUs per teacher actor (fractions share a GPU); default 1 when the Ray "
-        "cluster has GPUs, else 0 (CPU).")] = None,
+        "cluster has GPUs, else 0 (CPU). An actor given a GPU that finds no CUDA fails the run.")] = None,
+    precision: Annotated[str, typer.Option(
+        help="fp32, or bf16 (autocast; for GPUs). Recorded in the manifest and every sample; a "
+             "resumed run must use the same.")] = "fp32",
     image_size: Annotated[Optional[int], typer.Option(
         min=16, help="Shorter image side fed to the teacher (longer side capped in proportion); "
         "default: the checkpoint's own (800 for official GLIP).")] = None,
@@ -57,17 +65,20 @@ def main(
     from pipelines.pseudo_label import PseudoLabelOptions, check_options, run_pseudo_label
     from storage.crawled import discover_crawled_shards
 
+    from storage.fs import normalize
+
     setup_logging(verbose)
     shards = discover_crawled_shards(inputs, caption_field=caption_field)
-    options = PseudoLabelOptions(phrases=phrases, teacher=teacher, threshold=threshold, nms_iou=nms,
-                                 max_boxes_per_phrase=max_boxes_per_phrase, min_box_size=min_box_size,
-                                 image_size=image_size, workers=workers, batch_size=batch_size,
-                                 gpus_per_worker=gpus_per_worker, max_samples_per_tar=max_samples_per_tar,
-                                 caption_field=caption_field, overwrite=overwrite)
+    options = PseudoLabelOptions(phrases=normalize(phrases), teacher=normalize(teacher), threshold=threshold,
+                                 nms_iou=nms, max_boxes_per_phrase=max_boxes_per_phrase,
+                                 min_box_size=min_box_size, image_size=image_size, workers=workers,
+                                 batch_size=batch_size, gpus_per_worker=gpus_per_worker, precision=precision,
+                                 max_samples_per_tar=max_samples_per_tar, caption_field=caption_field,
+                                 overwrite=overwrite)
     check_options(options)          # bad paths are exit 2 before Ray starts
     ensure_ray(address)
     with _progress(console) as update:
-        result = run_pseudo_label(shards, out, options, on_progress=update)
+        result = run_pseudo_label(shards, normalize(out), options, on_progress=update)
     _print_summary(console, result, len(shards))
     if result.failed:
         raise typer.Exit(code=1)
@@ -104,6 +115,8 @@ def _print_summary(console, result, n_shards: int) -> None:
     table.add_column("count", justify="right")
     table.add_row("shards", f"{n_shards} ({len(result.done)} labeled, {len(result.resumed)} already "
                             f"done, {len(result.failed)} failed)")
+    if result.workers:
+        table.add_row("teacher actors", f"{result.workers}")
     table.add_row("images read", f"{totals['read']:,}")
     table.add_row("images labeled (written)", f"{totals['written']:,}")
     table.add_row("  of which without any box", f"{totals['without_boxes']:,}")

@@ -7,6 +7,7 @@ random, so the tests use a low threshold and check structure, not accuracy.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import struct
@@ -147,62 +148,63 @@ def build_inputs(root: Path, n_shards: int = 2, good_per_shard: int = 4, bad: bo
             "originals": originals}
 
 
+def sample_keys(keys: list[str]) -> list[str]:
+    """Pseudo-label keys of crawled keys: ``<input shard>/<key>`` (every test key starts with its shard)."""
+    return [f"{k[:5]}/{k}" for k in keys]
+
+
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory) -> dict:
     return build_inputs(tmp_path_factory.mktemp("pseudo_inputs"))
 
 
 # ----------------------------------------------------------------------------- pure stages (no Ray)
-def by_key_of(rows: list[dict]) -> dict[str, dict]:
-    return {r["key"]: r for r in rows}
+def _spec(inputs, shard="00000", out=""):
+    from storage.crawled import discover_crawled_shards
+
+    (crawled,) = [c for c in discover_crawled_shards([str(inputs["crawled"])]) if c.name == shard]
+    return {"shard": crawled.to_dict(), "phrase_file": str(inputs["phrases"] / f"{shard}.parquet"),
+            "out_dir": str(out)}
 
 
-def test_read_shard_joins_by_key_and_counts_orphans(inputs):
-    from pipelines.pseudo_label import read_shard
+def test_iter_joined_joins_by_key_and_counts_orphans(inputs):
+    from pipelines.pseudo_label import iter_joined
 
-    spec = {"shard": {"name": "00000", "path": str(inputs["crawled"] / "00000.tar"), "kind": "img2dataset_tar"},
-            "phrase_file": str(inputs["phrases"] / "00000.parquet")}
-    chunks = list(read_shard(spec, chunk=3))
-    rows = [r for c in chunks for r in c]
-    samples = [r for r in rows if r["kind"] == "sample"]
-    end = rows[-1]
-    assert end["kind"] == "end" and end["detail"] == "" and end["expected"] == len(samples)
-    assert all(len(c) <= 4 for c in chunks)     # streamed in small chunks (+ the end row)
-    counts = json.loads(end["counts"])
-    assert counts["skipped"] == {"no_phrase_row": 1, "no_phrases": 1, "phrase_row_without_image": 1,
-                                 "phrase_span_invalid": 1}
-    assert counts["read"] == len(samples) + 2
-    assert [p["text"] for p in json.loads(by_key_of(samples)["00000badspan"]["phrases"])] == ["the purple block"]
-    by_key = by_key_of(samples)
-    assert json.loads(by_key["000000000"]["phrases"])[0]["text"] == "a red square"
+    counts = StageCounts()
+    items = list(iter_joined(_spec(inputs), counts))
+    assert counts.skipped == {"no_phrase_row": 1, "no_phrases": 1, "phrase_row_without_image": 1,
+                              "phrase_span_invalid": 1}
+    assert counts.read == len(items) + 2
+    by_key = {it["key"]: it for it in items}
+    assert [p["text"] for p in by_key["00000badspan"]["phrases"]] == ["the purple block"]
+    assert by_key["000000000"]["phrases"][0]["text"] == "a red square"
     assert by_key["000000000"]["image"] == inputs["originals"]["000000000"]
+    assert [it["source_index"] for it in items] == sorted(it["source_index"] for it in items)   # input order
 
 
-def test_read_shard_reports_errors_instead_of_raising(tmp_path):
-    from pipelines.pseudo_label import read_shard
+def test_iter_joined_raises_when_the_phrase_file_is_missing(tmp_path):
+    from pipelines.pseudo_label import iter_joined
 
     spec = {"shard": {"name": "x", "path": str(tmp_path / "x.tar"), "kind": "img2dataset_tar"},
             "phrase_file": str(tmp_path / "missing.parquet")}
-    rows = [r for c in read_shard(spec) for r in c]
-    assert len(rows) == 1 and rows[0]["kind"] == "end" and rows[0]["detail"]
+    with pytest.raises(FileNotFoundError):
+        list(iter_joined(spec, StageCounts()))
 
 
-def test_decode_rows_turns_bad_images_into_counted_skips(inputs):
+def test_decode_item_turns_bad_images_into_skips(inputs):
     from labeling.teacher import TeacherResize
-    from pipelines.pseudo_label import decode_rows, read_shard
+    from pipelines.pseudo_label import decode_item, iter_joined
 
-    spec = {"shard": {"name": "00000", "path": str(inputs["crawled"] / "00000.tar"), "kind": "img2dataset_tar"},
-            "phrase_file": str(inputs["phrases"] / "00000.parquet")}
-    rows = [r for c in read_shard(spec) for r in c]
-    out = decode_rows(rows, TeacherResize(IMAGE_SIZE, 2 * IMAGE_SIZE))
-    skips = Counter(r["reason"] for r in out if r["kind"] == "skip")
+    resize = TeacherResize(IMAGE_SIZE, 2 * IMAGE_SIZE)
+    out = [decode_item(it, resize) for it in iter_joined(_spec(inputs), StageCounts())]
+    skips = Counter(it["skip"] for it in out if "skip" in it)
     assert skips == Counter({k: v for k, v in inputs["skips"].items()
                              if k not in ("no_phrase_row", "no_phrases", "phrase_row_without_image",
                                           "phrase_span_invalid")})
-    for r in out:
-        if r["kind"] == "sample":
-            assert min(r["ph"], r["pw"]) == IMAGE_SIZE and len(r["pixels"]) == r["ph"] * r["pw"] * 3
-            assert (r["width"], r["height"]) == Image.open(io.BytesIO(r["image"])).size
+    for it in out:
+        if "skip" not in it:
+            assert min(it["pixels"].shape[:2]) == IMAGE_SIZE and it["pixels"].dtype == np.uint8
+            assert (it["width"], it["height"]) == Image.open(io.BytesIO(it["image"])).size
 
 
 # ----------------------------------------------------------------------------- the real pipeline
@@ -265,11 +267,12 @@ def test_cli_labels_every_good_image_and_counts_every_bad_one(inputs, labeled):
     assert totals["skipped"] == dict(inputs["skips"])
     assert totals["written"] == len(inputs["good_keys"])
     samples = _samples_by_key(out)
-    assert sorted(samples) == sorted(inputs["good_keys"])
+    assert sorted(samples) == sorted(sample_keys(inputs["good_keys"]))
     n_boxes = sum(len(d["boxes"]) for d, _ in samples.values())
     assert n_boxes > 0 and n_boxes == sum(e["counts"]["boxes"] for e in manifest["shards"].values())
     for key, (d, image) in samples.items():
-        assert image == inputs["originals"][key]                    # original bytes, never re-encoded
+        assert key == f"{d['extra']['source_shard']}/{d['extra']['source_key']}"   # traceable to its shard
+        assert image == inputs["originals"][d["extra"]["source_key"]]   # original bytes, never re-encoded
         assert (d["width"], d["height"]) == Image.open(io.BytesIO(image)).size
         assert d["source"] == f"pseudo/{sha[:12]}"
         assert d["extra"]["teacher_sha256"] == sha and d["extra"]["threshold"] == THRESHOLD
@@ -286,6 +289,11 @@ def test_cli_labels_every_good_image_and_counts_every_bad_one(inputs, labeled):
         per_phrase = Counter(b["phrase"] for b in d["boxes"])
         assert all(n <= 10 for n in per_phrase.values())
     assert (out / "00000-00000.tar").exists() and (out / "00000-00003.tar").exists()   # 7 samples, 2 per tar
+    for name, entry in manifest["shards"].items():     # every output committed, with its checksum
+        commit = json.loads((out / "_shards" / f"{name}.json").read_text())
+        assert commit["outputs"] == entry["outputs"] and commit["checksums"] == entry["checksums"]
+        for o in entry["outputs"] + entry["labels"]:
+            assert hashlib.sha256((out / o).read_bytes()).hexdigest() == entry["checksums"][o]
 
 
 def test_shards_are_readable_by_glipctl_inspect(inputs, labeled, cli):
@@ -310,14 +318,14 @@ def test_shards_are_readable_by_webdataset_and_ray_data(inputs, labeled, ray_ses
         image = s.get("jpg") or s.get("png")
         assert image.size == (s["json"]["width"], s["json"]["height"])
         keys.append(s["json"]["key"])
-    assert sorted(keys) == sorted(inputs["good_keys"])
+    assert sorted(keys) == sorted(sample_keys(inputs["good_keys"]))
     # decoder=None: Ray's default decoder makes grayscale JPEGs 2-D arrays and colour ones 3-D,
     # which it cannot put in one block; the original bytes are what we promise.
     rows = ray.data.read_webdataset(tars, decoder=None).take_all()
-    assert sorted(json.loads(r["json"])["key"] for r in rows) == sorted(inputs["good_keys"])
+    assert sorted(json.loads(r["json"])["key"] for r in rows) == sorted(sample_keys(inputs["good_keys"]))
     for r in rows:
         image = next(r[ext] for ext in ("jpg", "png") if isinstance(r.get(ext), bytes))   # absent: NaN
-        assert image == inputs["originals"][json.loads(r["json"])["key"]]
+        assert image == inputs["originals"][json.loads(r["json"])["extra"]["source_key"]]
 
 
 def test_rerun_resumes_and_changed_options_are_refused(inputs, teacher_dir, labeled, cli):
@@ -382,6 +390,13 @@ def test_interrupted_run_resumes_to_the_same_samples(inputs, teacher_dir, labele
     manifest = json.loads((out / "_manifest.json").read_text())
     assert sum(e["status"] == "done" for e in manifest["shards"].values()) == 1
     assert not list(out.glob(".*.tmp"))                       # no unfinished file left behind
+    # The worker may have committed the other shard before the interrupt reached it (workers
+    # write their own output). Make it a shard whose worker died mid-write instead: no commit
+    # record, and a cut-short object under a final name, as an object store can show.
+    done = next(n for n, e in manifest["shards"].items() if e["status"] == "done")
+    other = next(s.name for s in shards if s.name != done)
+    (out / "_shards" / f"{other}.json").unlink(missing_ok=True)
+    (out / f"{other}-00000.tar").write_bytes(b"half a tar")
     marker = tmp_path / "crashed"
     result = run_pseudo_label(shards, out, options, worker_cls=_crash_once_worker(marker))
     assert marker.exists()                                    # the worker did die once
@@ -396,57 +411,101 @@ def test_interrupted_run_resumes_to_the_same_samples(inputs, teacher_dir, labele
             assert b["bbox"] == pytest.approx(rb["bbox"], abs=1e-3) and b["score"] == pytest.approx(rb["score"], abs=1e-5)
     assert json.loads((out / "_manifest.json").read_text())["totals"] == \
         json.loads((labeled[0] / "_manifest.json").read_text())["totals"]
+    # samples are written in input order: the resumed run's files are the uninterrupted run's, byte for byte
+    assert {p.name: p.read_bytes() for p in out.glob("*.tar")} == \
+        {p.name: p.read_bytes() for p in labeled[0].glob("*.tar")}
 
 
-# ----------------------------------------------------------------------------- failures, no Ray needed
-def _sample_row(shard: str, key: str, boxes: int = 1) -> dict:
-    from pipelines.pseudo_label import _row
-    from storage.records import GroundedSample
+# ----------------------------------------------------------------------------- one shard, no Ray
+class _PoisonedTeacher:
+    """The real tiny teacher, made to raise on the images whose caption contains ``poison``
+    (fault injection: one record that breaks the model, or a device that breaks on everything)."""
 
-    sample = GroundedSample(key, "a cat", 32, 32, source="pseudo/x")
-    return _row("sample", shard, key=key, sample=json.dumps(sample.to_dict()), image=b"img", ext="jpg",
-                boxes=boxes, dropped="{}")
+    def __init__(self, teacher, poison: str):
+        self.teacher, self.poison = teacher, poison
+        self.calls: list[int] = []
 
+    def bucket_of(self, pixels):
+        return self.teacher.bucket_of(pixels)
 
-def test_sink_fails_a_shard_whose_read_broke_and_removes_its_tars(tmp_path):
-    from pipelines.pseudo_label import ShardSink, _row
-    from storage.manifest import Manifest
-
-    manifest = Manifest(stage="pseudo-label")
-    sink = ShardSink(tmp_path, manifest, ["a", "b"], max_samples=1)
-    for i in range(2):
-        sink.add(_sample_row("a", f"a{i}"))
-        sink.add(_sample_row("b", f"b{i}", boxes=0))
-    assert (tmp_path / "a-00000.tar").exists()          # finished parts exist while streaming
-    sink.add(_row("end", "a", expected=2, counts=json.dumps({"read": 3, "skipped": {"x": 1}}),
-                  detail="OSError: disk on fire"))
-    sink.add(_row("end", "b", expected=2, counts=json.dumps({"read": 2})))
-    assert manifest.shards["a"]["status"] == "failed" and "disk on fire" in manifest.shards["a"]["error"]
-    assert not list(tmp_path.glob("a-*.tar"))
-    assert manifest.shards["b"]["status"] == "done"
-    assert manifest.shards["b"]["outputs"] == ["b-00000.tar", "b-00001.tar"]
-    assert manifest.shards["b"]["counts"]["without_boxes"] == 2
-    assert json.loads((tmp_path / "_manifest.json").read_text())["shards"]["b"]["status"] == "done"
+    def ground(self, images, sizes, captions, spans, **kw):
+        self.calls.append(len(images))
+        if any(self.poison in c for c in captions):
+            raise RuntimeError("poisoned caption")
+        return self.teacher.ground(images, sizes, captions, spans, **kw)
 
 
-def test_sink_ignores_repeated_rows_and_fails_shards_short_of_rows(tmp_path):
-    from pipelines.pseudo_label import ShardSink, _row
-    from storage.manifest import Manifest
+def _labeler(teacher, batch_size=4, max_buffered=None):
+    from labeling.filters import FilterConfig
+    from labeling.teacher import TeacherResize
+    from pipelines.pseudo_label import ShardLabeler
 
-    manifest = Manifest(stage="pseudo-label")
-    sink = ShardSink(tmp_path, manifest, ["a", "b"], max_samples=10)
-    sink.add(_sample_row("a", "a0"))
-    sink.add(_sample_row("a", "a0"))                    # a retried block delivered twice
-    sink.add(_row("end", "a", expected=2, counts=json.dumps({"read": 2})))
-    assert "a" not in manifest.shards                   # still waiting for a1
-    sink.add(_sample_row("a", "a1"))
-    assert manifest.shards["a"]["status"] == "done" and manifest.shards["a"]["counts"]["written"] == 2
-    sink.add(_sample_row("a", "a1"))                    # late duplicate after the shard closed
-    sink.add(_sample_row("b", "b0"))
-    sink.add(_row("end", "b", expected=3, counts=json.dumps({"read": 3})))
-    assert sink.fail_unfinished("lost") == ["b"]
-    assert manifest.shards["b"]["status"] == "failed" and "1 of 3" in manifest.shards["b"]["error"]
-    assert not list(tmp_path.glob("b-*.tar")) and not list(tmp_path.glob(".*.tmp"))
+    config = FilterConfig(THRESHOLD, 0.6, 10, 2.0)
+    extra = {"teacher_source": "pseudo/test", "threshold": THRESHOLD}
+    return ShardLabeler(teacher, config, extra, TeacherResize(IMAGE_SIZE, 2 * IMAGE_SIZE), batch_size,
+                        max_samples_per_tar=100, max_buffered=max_buffered)
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher(teacher_dir):
+    from labeling.teacher import GLIPTeacher
+
+    return GLIPTeacher.load(teacher_dir)
+
+
+def _mixed_size_inputs(root: Path, n: int = 10, first: int = 0) -> dict:
+    """One shard of images of several sizes (so several padded shapes) and their phrase file."""
+    crawled, phrases = root / "crawled", root / "phrases"
+    crawled.mkdir(parents=True)
+    phrases.mkdir()
+    rows = []
+    with tarfile.open(crawled / "00000.tar", "w") as tar:
+        for i in range(n):
+            key, caption = f"00000{i:04d}", GOOD_CAPTIONS[(first + i) % 4]
+            data = _encode(_scene(first * 100 + i, w=64 + 24 * (i % 3), h=64 + 40 * (i % 2)), "JPEG")
+            for name, payload in ((f"{key}.jpg", data), (f"{key}.txt", caption.encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+            rows.append({"key": key, "caption": caption, "phrases": _phrases(caption, GOOD_PHRASES[(first + i) % 4])})
+    write_phrase_file(phrases / "00000.parquet", rows)
+    return {"crawled": crawled, "phrases": phrases}
+
+
+def test_labels_do_not_depend_on_batch_composition(tiny_teacher, tmp_path):
+    """Batches of 1 and of 8 (neighbours of other sizes, other buffering) give the same labels, in order."""
+    from storage.shards import iter_shard_samples
+
+    mixed = _mixed_size_inputs(tmp_path / "in")
+    results = {}
+    for batch_size, buffered in ((1, None), (8, 3), (8, None)):
+        out = tmp_path / f"out{batch_size}_{buffered}"
+        entry = _labeler(tiny_teacher, batch_size, buffered).label_shard(_spec(mixed, out=out))
+        assert entry["counts"]["written"] == 10 and (out / "_shards" / "00000.json").exists()
+        results[(batch_size, buffered)] = [s.to_dict() for s, _ in iter_shard_samples([str(out)], StageCounts())]
+    reference = results[(1, None)]
+    assert [d["key"] for d in reference] == [f"00000/00000{i:04d}" for i in range(10)]   # input order
+    assert sum(len(d["boxes"]) for d in reference) > 0
+    for got in results.values():
+        assert [d["key"] for d in got] == [d["key"] for d in reference]
+        for d, ref in zip(got, reference):
+            assert [b["phrase"] for b in d["boxes"]] == [b["phrase"] for b in ref["boxes"]]
+            for b, rb in zip(d["boxes"], ref["boxes"]):
+                assert b["bbox"] == pytest.approx(rb["bbox"], abs=1e-3)
+                assert b["score"] == pytest.approx(rb["score"], abs=1e-5)
+
+
+def test_one_bad_record_is_a_skip_and_a_failing_device_is_an_error(tiny_teacher, inputs, tmp_path):
+    from labeling.teacher import TeacherDeviceError
+
+    poisoned = _PoisonedTeacher(tiny_teacher, poison="purple")    # one caption of the good ones
+    entry = _labeler(poisoned, batch_size=4).label_shard(_spec(inputs, out=tmp_path / "a"))
+    assert entry["counts"]["skipped"]["teacher_error"] == 2        # 00000002 and 00000badspan
+    assert entry["counts"]["written"] == sum(k.startswith("00000") for k in inputs["good_keys"]) - 2
+    broken = _PoisonedTeacher(tiny_teacher, poison="a")             # every caption: the device is broken
+    with pytest.raises(TeacherDeviceError):
+        _labeler(broken, batch_size=4).label_shard(_spec(inputs, out=tmp_path / "b"))
+    assert not (tmp_path / "b" / "_shards").exists()                # nothing committed
 
 
 def test_a_shard_without_phrase_file_is_recorded_failed(inputs, labeled, tmp_path, ray_session):
@@ -462,6 +521,7 @@ def test_a_shard_without_phrase_file_is_recorded_failed(inputs, labeled, tmp_pat
     manifest = json.loads((out / "_manifest.json").read_text())
     del manifest["shards"]["00001"]
     (out / "_manifest.json").write_text(json.dumps(manifest))
+    (out / "_shards" / "00001.json").unlink()          # its commit record: the shard is not done
     opts = json.loads((labeled[0] / "_manifest.json").read_text())["options"]
     options = PseudoLabelOptions(phrases=str(phrases), teacher=opts["teacher"], threshold=THRESHOLD,
                                  nms_iou=0.6, max_boxes_per_phrase=10, min_box_size=2.0, image_size=IMAGE_SIZE,
@@ -472,12 +532,12 @@ def test_a_shard_without_phrase_file_is_recorded_failed(inputs, labeled, tmp_pat
     assert entry["status"] == "failed" and "parse-captions" in entry["error"]
 
 
-def test_read_shard_takes_images_from_img2dataset_parquet_mode(tmp_path):
+def test_iter_joined_takes_images_from_img2dataset_parquet_mode(tmp_path):
     """img2dataset's parquet output mode: image bytes in a ``jpg`` column, failed downloads skipped."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipelines.pseudo_label import read_shard
+    from pipelines.pseudo_label import iter_joined
     from storage.crawled import discover_crawled_shards
 
     jpg = _encode(_scene(1), "JPEG")
@@ -488,10 +548,37 @@ def test_read_shard_takes_images_from_img2dataset_parquet_mode(tmp_path):
                       [{"key": k, "caption": c, "phrases": _phrases(c, p)}
                        for k, c, p in (("a", GOOD_CAPTIONS[0], GOOD_PHRASES[0]), ("b", GOOD_CAPTIONS[1], GOOD_PHRASES[1]))])
     (shard,) = discover_crawled_shards([str(tmp_path / "00007.parquet")])
-    spec = {"shard": {"name": shard.name, "path": shard.path, "kind": shard.kind},
-            "phrase_file": str(tmp_path / "phrases.parquet")}
-    rows = [r for c in read_shard(spec) for r in c]
-    assert [r["key"] for r in rows if r["kind"] == "sample"] == ["a"]
-    assert rows[0]["image"] == jpg and rows[0]["url"] == "http://x/a"
-    skipped = json.loads(rows[-1]["counts"])["skipped"]
-    assert skipped.get("phrase_row_without_image") == 1 and sum(skipped.values()) == 2   # + the failed download
+    counts = StageCounts()
+    items = list(iter_joined({"shard": shard.to_dict(), "phrase_file": str(tmp_path / "phrases.parquet")}, counts))
+    assert [it["key"] for it in items] == ["a"]
+    assert items[0]["image"] == jpg and items[0]["url"] == "http://x/a"
+    assert counts.skipped.get("phrase_row_without_image") == 1 and sum(counts.skipped.values()) == 2   # + the failed download
+
+
+def test_keys_are_unique_across_two_crawls_merged_into_one_input(tiny_teacher, tmp_path, ray_session):
+    """Two img2dataset runs both start at key 000000000: each sample keeps its own shard's caption."""
+    from pipelines.pseudo_label import PseudoLabelOptions, run_pseudo_label
+    from storage.crawled import discover_crawled_shards
+
+    roots = [_mixed_size_inputs(tmp_path / "crawlA", n=2, first=0),
+             _mixed_size_inputs(tmp_path / "crawlB", n=2, first=1)]
+    shards = discover_crawled_shards([str(r["crawled"]) for r in roots])
+    names = [s.name for s in shards]
+    assert names == ["crawled_00000_1", "crawled_00000_2"]    # same folder and file names: numbered
+    phrases = tmp_path / "phrases"
+    phrases.mkdir()
+    for mixed, name in zip(roots, names):                      # as parse-captions names them
+        (phrases / f"{name}.parquet").write_bytes((mixed["phrases"] / "00000.parquet").read_bytes())
+    opts = PseudoLabelOptions(phrases=str(phrases), teacher=tiny_teacher.identity.path, threshold=THRESHOLD,
+                              nms_iou=0.6, max_boxes_per_phrase=10, min_box_size=2.0, image_size=IMAGE_SIZE,
+                              batch_size=2, workers=1)
+    result = run_pseudo_label(shards, str(tmp_path / "out"), opts)
+    assert sorted(result.done) == names
+    samples = _samples_by_key(tmp_path / "out")       # asserts no key twice
+    assert sorted(samples) == [f"{n}/00000{i:04d}" for n in names for i in range(2)]
+    for key, (d, image) in samples.items():           # each image with its own crawl's caption
+        shard, crawled_key = key.split("/")
+        crawl = roots[names.index(shard)]
+        with tarfile.open(crawl["crawled"] / "00000.tar") as tar:
+            assert image == tar.extractfile(f"{crawled_key}.jpg").read()
+            assert d["caption"] == tar.extractfile(f"{crawled_key}.txt").read().decode()
