@@ -2,17 +2,16 @@
 
 Boxes are ``[x, y, w, h]`` in pixels of the stored image, drawn as they are (the
 image is not resized). Each phrase gets its own colour; the label is
-``phrase score``.
+``phrase score``. The output folder is a local path or a URI (``storage.fs``).
 """
 from __future__ import annotations
 
 import io
 import re
-from pathlib import Path
 from typing import Any
 
+from storage import fs
 from storage.arrow_view import iter_samples_with_images
-from storage.atomic import atomic_write
 from storage.records import GroundedSample, InvalidRecord, validate_sample
 from storage.skips import StageCounts
 
@@ -46,17 +45,18 @@ def draw_sample(sample: GroundedSample, image_bytes: bytes, box_indices: list[in
     return out.getvalue()
 
 
-def render(paths: list[str], targets: dict[tuple[str, str], list[int] | None], out_dir: str | Path,
-           counts: StageCounts) -> list[Path]:
+def render(paths: list[str], targets: dict[tuple[str, str], list[int] | None], out_dir: str,
+           counts: StageCounts) -> list[str]:
     """Render the samples named by ``targets`` ((file, key) -> box indices, None for all).
 
-    Reads the sources again, with images, and stops once every target is drawn. A
-    sample whose image cannot be found or decoded is a counted skip (``render_*``).
+    Reads the sources again, with images (the tars: label tables hold none), and stops once
+    every target is drawn. Returns the PNGs' paths (normalized, under ``out_dir``). A sample
+    whose image cannot be found or decoded is a counted skip (``render_*``).
     """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = fs.normalize(out_dir)
+    fs.makedirs(out_dir)
     order = {t: i for i, t in enumerate(targets)}
-    written: list[Path] = []
+    written: list[str] = []
     quiet = StageCounts()          # the first pass already counted the records' problems
     for d, image, file in iter_samples_with_images(paths, quiet):
         ident = (file, str(d.get("key")))
@@ -73,12 +73,13 @@ def render(paths: list[str], targets: dict[tuple[str, str], list[int] | None], o
                 counts.skip("render_bad_image", where, str(exc))
             else:
                 name = f"{order[ident]:04d}_{re.sub(r'[^A-Za-z0-9_-]', '_', ident[1])[:80]}.png"
-                with atomic_write(out_dir / name) as fh:
-                    fh.write(png)
-                written.append(out_dir / name)
+                fs.write_bytes(fs.join(out_dir, name), png)
+                written.append(fs.join(out_dir, name))
         del targets[ident]
         if not targets:
             break
+    for file, key in targets:      # its tar is gone or cut short before the sample
+        counts.skip("render_sample_not_found", f"{file} key {key}", "the image could not be read")
     return written
 
 

@@ -4,29 +4,33 @@ One pass reads every source batch by batch (``storage.arrow_view``), applies the
 --where predicate to the box view, updates the summary, appends to the --to Parquet
 file and picks the samples to render; a second, short pass reads the images of
 those samples only. Memory is one batch plus fixed-size summaries.
+
+Every path is a local path or a URI (``storage.fs``): the sources, ``--to`` (written through
+``storage.fs.open_output``: complete or absent, never half a file) and ``--render``. A shard
+with a label table beside it (pseudo-label writes one per tar) is read from that table, so a
+summary, a filter or an export never reads the images; only ``--render`` opens the tars.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from pipelines.inspect_render import pick_targets, render
 from pipelines.inspect_summary import InspectSummary, filter_samples, matched_per_sample
 from pipelines.inspect_where import compile_where
+from storage import fs
 from storage.arrow_view import BOX_SCHEMA, SAMPLE_SCHEMA, explode_boxes, iter_sample_batches, manifest_totals
-from storage.atomic import atomic_path
 from storage.skips import StageCounts
 
 
 @dataclass
 class InspectOptions:
-    to: Path | None = None
+    to: str | None = None               # Parquet file, local path or URI
     view: str = "boxes"                 # what --to writes: "boxes" or "samples"
     where: str | None = None
-    render: Path | None = None
+    render: str | None = None           # folder for the PNGs, local path or URI
     limit: int = 20
     top: int = 15
     batch_size: int = 8192
@@ -67,9 +71,9 @@ def run_inspect(paths: list[str], options: InspectOptions) -> InspectResult:
     with contextlib.ExitStack() as stack:
         writer = None
         if options.to is not None:
-            tmp = stack.enter_context(atomic_path(options.to))
+            sink = stack.enter_context(fs.open_output(options.to))
             schema = BOX_SCHEMA if options.view == "boxes" else SAMPLE_SCHEMA
-            writer = stack.enter_context(pq.ParquetWriter(tmp, schema, compression="zstd"))
+            writer = stack.enter_context(pq.ParquetWriter(sink, schema, compression="zstd"))
         for samples in iter_sample_batches(paths, counts, options.batch_size):
             boxes = explode_boxes(samples)
             mask = predicate(boxes).to_numpy(zero_copy_only=False) if predicate else None
@@ -86,10 +90,10 @@ def run_inspect(paths: list[str], options: InspectOptions) -> InspectResult:
                                             options.limit - len(targets), predicate is not None))
     rendered: list[str] = []
     if options.render is not None and targets:
-        rendered = [str(p) for p in render(paths, dict(targets), options.render, counts)]
+        rendered = render(paths, dict(targets), options.render, counts)
     return InspectResult(summary=summary.to_dict(options.top), skipped=dict(sorted(counts.skipped.items())),
                          read=counts.read, manifest=manifest_totals(paths), rendered=rendered,
-                         written_rows=rows, to=str(options.to) if options.to else None)
+                         written_rows=rows, to=fs.normalize(options.to) if options.to else None)
 
 
 def print_summary(result: InspectResult, as_json: bool = False) -> None:
@@ -114,7 +118,7 @@ def print_summary(result: InspectResult, as_json: bool = False) -> None:
     if result.to:
         head.add_row("written", f"{result.written_rows:,} rows -> {result.to}")
     if result.rendered:
-        head.add_row("rendered", f"{len(result.rendered)} PNGs in {Path(result.rendered[0]).parent}")
+        head.add_row("rendered", f"{len(result.rendered)} PNGs in {fs.parent_of(result.rendered[0])}")
     console.print(head)
 
     def bars(title: str, hist: dict[str, int], label: str) -> None:

@@ -1,80 +1,87 @@
 """The parse-captions stage: crawled captions -> noun phrases, one Parquet file per input shard.
 
-One Ray Data pipeline runs over every pending shard::
+The input shard is the unit of work (img2dataset's rule)::
 
-    from_items(shards) -> read tasks (fractional CPU: read, clean, tag rows with source_shard)
-                       -> PhraseActor pool (spaCy loaded once per actor, nlp.pipe per batch)
-                       -> driver: regroup rows by source_shard, write each finished shard
+    one row per pending input shard (ray.data.from_items, one block each)
+      -> ShardParser   (autoscaling actor pool (1, N); spaCy loaded once per actor)
+           for its shard, end to end:
+           read (CrawledShard.iter_records: img2dataset's Parquet sidecar when there, else the tar)
+           -> clean_caption -> nlp.pipe in batches of --batch-size -> phrase columns
+           -> sort by source_index -> <out>/<shard>.parquet (storage.phrase_files, any filesystem)
+           -> the shard's commit record (storage.manifest.commit_shard): the commit point
+      -> driver: one small row per shard (name, manifest entry as JSON): manifest + progress
 
-Mapping rows back to shards without holding the whole input: after its last row, the read
-task of a shard emits one *trailer* row (``shard_info`` = JSON with the number of data
-rows it sent, its counts and any error). Rows arrive in any order, but a shard is complete
-exactly when its trailer has arrived and the driver has seen that many of its data rows;
-the driver then sorts them by ``source_index`` (so the file is identical whatever the
-scheduling), writes it atomically and marks the shard done in ``_manifest.json``. Driver
-memory holds only the shards in flight, never the whole input.
+No caption rows reach the driver: its work per row is O(1) (one manifest entry), and it rewrites
+the readable ``_manifest.json`` summary at most every ``MANIFEST_SAVE_INTERVAL_S`` and at the end.
+Every path (inputs, ``--out``, ``--spacy-model`` as a folder) is a local path or a URI
+(``storage.fs``); local paths are absolute before they reach Ray.
 
-Batches travel as Arrow tables; spaCy Docs never leave the actor (only the phrase columns
-do), which is what makes two actors scale where ``nlp.pipe(n_process=2)`` does not.
-Measured costs beside spaCy's ~1 CPU-second per 1k captions: reading + cleaning ~8 ms,
-building the Arrow output ~20 ms (phrase extraction included), regrouping and writing in
-the driver ~1.2 ms per 1k captions.
+A phrase file is a function of the shard's records and the output options alone: rows are sorted
+by ``source_index`` and spaCy parses each caption independently of its batch neighbours, so a
+shard redone after a crash, on another worker, with another ``--batch-size``, gives the same file.
+Keys are the crawled keys (``source_shard`` names the shard); a key repeated within a shard is a
+counted skip (``duplicate_key``).
+
+Failures: a shard whose read raises comes back as a row with the error; it is recorded failed
+(no commit) and the others go on. An actor that dies (a preempted node) is restarted by Ray and
+its shard redone (``max_restarts=-1``, ``max_task_retries=3``; the output object is simply
+written again under its name); a shard that kills its actor every time is dropped
+(``max_errored_blocks=-1``) and recorded failed ("lost") unless its commit record says a worker
+finished it. Resume trusts commit records (``Manifest.resumable`` reads them), so a driver that
+died after a worker committed still resumes correctly.
+
+Measured costs beside spaCy's ~1 CPU-second per 1k captions: reading + cleaning ~8 ms (sidecar:
+a few percent of the tar's bytes), building the Arrow output ~20 ms (phrase extraction included).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import time
+import warnings
 from collections import Counter
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Iterator
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Callable
 
 import pyarrow as pa
 
 from labeling.phrases import DEFAULT_MAX_CAPTION_CHARS, DEFAULT_SPACY_MODEL, clean_caption
+from storage import fs
 from storage.crawled import CrawledShard
 from storage.errors import InputError
-from storage.manifest import Manifest
+from storage.manifest import (Manifest, clear_shard, commit_path, commit_shard, dumps_entry)
 from storage.phrase_files import PHRASE_SCHEMA, PHRASE_STRUCT, write_phrase_table
 from storage.skips import StageCounts
 
 log = logging.getLogger("glipctl.parse_captions")
 
 STAGE = "parse-captions"
-# Rows per block a read task yields when not told (the stage passes --batch-size, so one
-# block is one actor call and the last calls of a run stay short: no long tail on one actor).
-READ_BLOCK_ROWS = 1000
-# CPUs a read task asks for: reading and cleaning captions is ~100x cheaper than parsing
-# them (8 us vs 1 ms a caption), and a fractional request keeps reads schedulable beside
-# whole-CPU actors.
-READ_TASK_CPUS = 0.1
-# Actors per concurrent read task: one reader keeps ~100 actors busy on CPU time alone,
-# but shards may sit on slow storage; more readers would only start more worker
-# processes (~1.5 CPU-seconds each) that the actors need.
-ACTORS_PER_READER = 4
+# CPUs kept free per node beside the actors: room for Ray Data's own tasks and for an actor
+# that restarts after a node loss while the survivors hold their CPUs (DESIGN.md).
+SPARE_CPUS_PER_NODE = 0.1
 # Options that change what is written; a resumed run must use the same ones.
 OUTPUT_OPTIONS = ("spacy_model", "caption_field", "expressions", "max_caption_chars")
 MANIFEST_SAVE_INTERVAL_S = 2.0
+NLP_PIPE_BATCH = 256        # spaCy's own minibatch inside one --batch-size chunk
 
-# Between the read tasks and the actors: the phrase-file columns minus phrases, plus the
-# trailer column (null on data rows).
-_ROW_SCHEMA = pa.schema([
-    ("key", pa.string()), ("caption", pa.string()), ("url", pa.string()),
-    ("width", pa.int32()), ("height", pa.int32()), ("source_shard", pa.string()),
-    ("source_index", pa.int64()), ("shard_info", pa.string()),
-])
+# What an actor returns per shard: the manifest entry (JSON) and how many captions it parsed.
+RESULT_SCHEMA = pa.schema([("shard", pa.string()), ("entry", pa.string()), ("captions", pa.int64())])
+
+# Columns a shard's cleaned records are gathered in before parsing (phrase-file columns minus phrases).
+_RECORD_COLUMNS = ("key", "caption", "url", "width", "height", "source_shard", "source_index")
 
 
 @dataclass
 class ParseOptions:
     """Everything ``glipctl parse-captions`` takes besides inputs and output folder."""
-    spacy_model: str = DEFAULT_SPACY_MODEL
+    spacy_model: str = DEFAULT_SPACY_MODEL   # installed pipeline name, or a folder path / URI
     caption_field: str = "caption"
     expressions: bool = False
     max_caption_chars: int = DEFAULT_MAX_CAPTION_CHARS
     workers: int | None = None          # actor pool maximum; None = the cluster's CPU count
-    batch_size: int = 1000              # captions per actor call
+    batch_size: int = 1000              # captions per nlp.pipe call
     overwrite: bool = False
 
 
@@ -104,198 +111,221 @@ class ParseResult:
     seconds: float = 0.0
 
 
-# ------------------------------------------------------------------------- read tasks
+# ------------------------------------------------------------------------- one shard (in an actor)
 
-def _shard_item(shard: CrawledShard) -> dict[str, str]:
-    return {"name": shard.name, "path": shard.path, "kind": shard.kind,
-            "caption_field": shard.caption_field, "key_field": shard.key_field,
-            "url_field": shard.url_field}
+def read_clean_records(shard: CrawledShard, counts: StageCounts, fixes: Counter,
+                       max_caption_chars: int) -> dict[str, list]:
+    """The shard's records with cleaned captions, as columns (``_RECORD_COLUMNS``), in source order.
 
-
-def read_shards(batch: dict[str, Any], max_caption_chars: int,
-                block_rows: int = READ_BLOCK_ROWS) -> Iterator[pa.Table]:
-    """Ray Data UDF: stream the records of the shards in ``batch``, cleaned, as Arrow tables.
-
-    Yields data blocks of at most ``block_rows`` rows, then per shard one trailer row
-    whose ``shard_info`` holds ``{"rows", "counts", "error"}``. Never raises for a shard:
-    an unexpected error becomes the trailer's ``error`` (the shard is recorded failed).
+    Unusable captions and repeated keys are counted skips in ``counts``; caption fixes are
+    counted in ``fixes``. Raises what the reader raises for a shard it cannot open at all.
     """
-    for i in range(len(batch["name"])):
-        shard = CrawledShard(**{k: str(batch[k][i]) for k in
-                                ("name", "path", "kind", "caption_field", "key_field", "url_field")})
-        counts = StageCounts()
-        fixes: Counter = Counter()
-        sent = 0
-        error = None
-        rows: dict[str, list] = {n: [] for n in _ROW_SCHEMA.names}
-        keys: set[str] = set()     # a key names the sample's files downstream: one per shard
-        try:
-            for rec in shard.iter_records(counts, with_images=False):
-                caption, reason = clean_caption(rec["caption"], max_caption_chars, fixes)
-                if caption is None:
-                    counts.skip(reason, f"{shard.path} key {rec['key']}")
-                    continue
-                if rec["key"] in keys:
-                    counts.skip("duplicate_key", f"{shard.path} key {rec['key']}")
-                    continue
-                keys.add(rec["key"])
-                for name, value in (("key", rec["key"]), ("caption", caption), ("url", rec["url"]),
-                                    ("width", rec["width"]), ("height", rec["height"]),
-                                    ("source_shard", shard.name),
-                                    ("source_index", rec["source_index"]), ("shard_info", None)):
-                    rows[name].append(value)
-                if len(rows["key"]) >= block_rows:
-                    sent += len(rows["key"])
-                    yield pa.table(rows, schema=_ROW_SCHEMA)
-                    rows = {n: [] for n in _ROW_SCHEMA.names}
-        except Exception as exc:    # one bad shard never stops the others
-            error = f"{type(exc).__name__}: {exc}"
-        if rows["key"] and error is None:
-            sent += len(rows["key"])
-            yield pa.table(rows, schema=_ROW_SCHEMA)
-        info = {"rows": sent, "counts": counts.to_dict(), "cleaned": dict(fixes), "error": error}
-        yield pa.table({"key": [None], "caption": [None], "url": [None], "width": [None],
-                        "height": [None], "source_shard": [shard.name], "source_index": [-1],
-                        "shard_info": [json.dumps(info)]}, schema=_ROW_SCHEMA)
+    cols: dict[str, list] = {n: [] for n in _RECORD_COLUMNS}
+    keys: set[str] = set()     # a key names the sample's files downstream: one per shard
+    for rec in shard.iter_records(counts, with_images=False):
+        caption, reason = clean_caption(rec["caption"], max_caption_chars, fixes)
+        if caption is None:
+            counts.skip(reason, f"{shard.path} key {rec['key']}")
+            continue
+        if rec["key"] in keys:
+            counts.skip("duplicate_key", f"{shard.path} key {rec['key']}")
+            continue
+        keys.add(rec["key"])
+        for name, value in (("key", rec["key"]), ("caption", caption), ("url", rec["url"]),
+                            ("width", rec["width"]), ("height", rec["height"]),
+                            ("source_shard", shard.name), ("source_index", rec["source_index"])):
+            cols[name].append(value)
+    return cols
 
 
-# ------------------------------------------------------------------------- spaCy actors
+def phrase_table(cols: dict[str, list], parsed: list[list[dict] | None],
+                 counts: StageCounts) -> pa.Table:
+    """The phrase file of one shard (PHRASE_SCHEMA, sorted by ``source_index``).
 
-class PhraseActor:
-    """Ray Data callable class: loads spaCy once, then turns caption batches into phrase columns.
-
-    In: a table with ``_ROW_SCHEMA``. Out: the same rows plus ``phrases``
-    (list<struct<text,start,end,root>>) and ``skip`` (null, or the reason the row will not
-    be written: ``no_phrases``, ``parse_error``). Trailer rows pass through untouched.
+    ``parsed[i]`` are the phrases of ``cols["caption"][i]`` (None: spaCy failed on it). A caption
+    without phrases is a counted ``no_phrases`` skip, a failed one ``parse_error``.
     """
+    keep: list[int] = []
+    offsets, texts, starts, ends, roots = [0], [], [], [], []
+    for i, phrases in enumerate(parsed):
+        if phrases is None:
+            counts.skipped["parse_error"] += 1     # _extract logged the caption
+            continue
+        if not phrases:
+            counts.skipped["no_phrases"] += 1
+            continue
+        keep.append(i)
+        for p in phrases:
+            texts.append(p["text"])
+            starts.append(p["start"])
+            ends.append(p["end"])
+            roots.append(p["root"])
+        offsets.append(len(texts))
+    struct = pa.StructArray.from_arrays(
+        [pa.array(texts, pa.string()), pa.array(starts, pa.int32()),
+         pa.array(ends, pa.int32()), pa.array(roots, pa.string())], fields=list(PHRASE_STRUCT))
+    columns = {name: pa.array([cols[name][i] for i in keep], PHRASE_SCHEMA.field(name).type)
+               for name in _RECORD_COLUMNS}
+    columns["phrases"] = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), struct)
+    table = pa.table({name: columns[name] for name in PHRASE_SCHEMA.names}, schema=PHRASE_SCHEMA)
+    return table.sort_by("source_index")
 
-    def __init__(self, spacy_model: str, expressions: bool, nlp_batch_size: int = 256):
-        from labeling.phrases import PhraseExtractor, load_spacy
 
-        self.extractor = PhraseExtractor(load_spacy(spacy_model), expressions=expressions,
-                                         batch_size=nlp_batch_size)
+def parse_shard(shard: CrawledShard, out_dir: str, extractor, max_caption_chars: int,
+                batch_size: int) -> tuple[dict[str, Any], int]:
+    """Parse one shard end to end: write its phrase file, then its commit record.
 
-    def __call__(self, table: pa.Table) -> pa.Table:
-        captions = table.column("caption").to_pylist()
-        is_data = [info is None for info in table.column("shard_info").to_pylist()]
-        todo = [c for c, d in zip(captions, is_data) if d]
-        try:
-            parsed = iter(self.extractor.extract_batch(todo))
-        except Exception:       # a caption spaCy chokes on: find it, keep the rest
-            parsed = iter(self._one_by_one(todo))
+    Returns ``(manifest entry, captions parsed)``. The entry's ``status`` is "done" (committed:
+    counts incl. ``cleaned`` and ``phrases``, ``outputs``, ``checksums`` = sha256 of each output)
+    or "failed" with the ``error`` (nothing committed). Never raises for a bad shard.
+    """
+    counts = StageCounts()
+    fixes: Counter = Counter()
 
-        offsets, texts, starts, ends, roots, skips = [0], [], [], [], [], []
-        for data in is_data:
-            phrases = next(parsed) if data else []
-            if data and phrases is None:
-                skips.append("parse_error")
-            elif data and not phrases:
-                skips.append("no_phrases")
-            else:
-                skips.append(None)
-            for p in phrases or ():
-                texts.append(p["text"])
-                starts.append(p["start"])
-                ends.append(p["end"])
-                roots.append(p["root"])
-            offsets.append(len(texts))
-        struct = pa.StructArray.from_arrays(
-            [pa.array(texts, pa.string()), pa.array(starts, pa.int32()),
-             pa.array(ends, pa.int32()), pa.array(roots, pa.string())],
-            fields=list(PHRASE_STRUCT))
-        phrases_col = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), struct)
-        return (table.append_column("phrases", phrases_col)
-                .append_column("skip", pa.array(skips, pa.string())))
+    def failed(error: str) -> tuple[dict[str, Any], int]:
+        return {"status": "failed", "counts": counts.to_dict(), "error": error[:2000]}, 0
 
-    def _one_by_one(self, captions: list[str]) -> list[list[dict] | None]:
+    try:
+        cols = read_clean_records(shard, counts, fixes, max_caption_chars)
+    except Exception as exc:    # one unreadable shard never stops the others
+        return failed(f"{type(exc).__name__}: {exc}")
+    captions = cols["caption"]
+    parsed: list[list[dict] | None] = []
+    for start in range(0, len(captions), batch_size):
+        parsed += _extract(extractor, captions[start:start + batch_size])
+    table = phrase_table(cols, parsed, counts)
+    counts.written = table.num_rows
+    output = f"{shard.name}.parquet"
+    path = fs.join(out_dir, output)
+    entry: dict[str, Any] = {"status": "done", "stage": STAGE, "counts": {
+        **counts.to_dict(), "cleaned": dict(sorted(fixes.items())),
+        "phrases": sum(len(p) for p in parsed if p)}}
+    try:
+        write_phrase_table(path, table)
+        # read back, not hashed on the way out: the checksum is of what the store holds
+        entry.update(outputs=[output], checksums={output: hashlib.sha256(fs.read_bytes(path)).hexdigest()})
+        commit_shard(out_dir, shard.name, entry)
+    except OSError as exc:     # disk full, permissions, the store refused: this shard fails
+        return failed(f"writing {path}: {type(exc).__name__}: {exc}")
+    return entry, len(captions)
+
+
+def _extract(extractor, captions: list[str]) -> list[list[dict] | None]:
+    """Phrases per caption; a batch spaCy chokes on is redone one by one to find the culprit."""
+    try:
+        return extractor.extract_batch(captions)
+    except Exception:
         out: list[list[dict] | None] = []
         for caption in captions:
             try:
-                out.append(self.extractor.extract(caption))
+                out.append(extractor.extract(caption))
             except Exception:
                 log.warning("spaCy failed on caption %r", caption[:80])
                 out.append(None)
         return out
 
 
+class ShardParser:
+    """Ray Data callable class: loads spaCy once, then parses whole shards into ``out_dir``.
+
+    In: a table with column ``shard`` (``CrawledShard.to_dict()`` as JSON), one row per shard.
+    Out: one ``RESULT_SCHEMA`` row per shard. ``spacy_model`` is a pipeline name, a folder or
+    a folder URI (copied to this machine once: ``storage.fs.local_copy``).
+    """
+
+    def __init__(self, spacy_model: str, expressions: bool, out_dir: str, max_caption_chars: int,
+                 batch_size: int):
+        from labeling.phrases import PhraseExtractor, load_spacy
+
+        model = fs.local_copy(spacy_model) if fs.is_remote(spacy_model) else spacy_model
+        self.extractor = PhraseExtractor(load_spacy(model), expressions=expressions,
+                                         batch_size=min(NLP_PIPE_BATCH, batch_size))
+        self.out_dir = out_dir
+        self.max_caption_chars = max_caption_chars
+        self.batch_size = batch_size
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        names, entries, captions = [], [], []
+        for spec in batch.column("shard").to_pylist():
+            shard = CrawledShard(**json.loads(spec))
+            entry, n = parse_shard(shard, self.out_dir, self.extractor, self.max_caption_chars,
+                                   self.batch_size)
+            names.append(shard.name)
+            entries.append(dumps_entry(entry))
+            captions.append(n)
+        return pa.table({"shard": names, "entry": entries, "captions": captions}, schema=RESULT_SCHEMA)
+
+
 # ------------------------------------------------------------------------- driver side
 
-class ShardCollector:
-    """Regroups actor output by ``source_shard`` and finishes each shard once complete."""
+class ResultRecorder:
+    """The driver's whole job per shard: put its result row in the manifest, move the progress.
 
-    def __init__(self, out_dir: Path, on_done: Callable[[str, dict, list[str]], None],
-                 on_failed: Callable[[str, dict, str], None]):
+    O(1) per row; the summary ``_manifest.json`` is rewritten at most every ``interval`` seconds
+    (and by ``close``). ``on_progress(captions, shards_finished, shards_total)``.
+    """
+
+    def __init__(self, manifest: Manifest, out_dir: str, pending: list[str], result: ParseResult,
+                 on_progress: Callable[[int, int, int], None] | None = None,
+                 interval: float = MANIFEST_SAVE_INTERVAL_S):
+        self.manifest = manifest
         self.out_dir = out_dir
-        self.on_done = on_done
-        self.on_failed = on_failed
-        self.parts: dict[str, list[pa.Table]] = {}
-        self.seen: Counter = Counter()
-        self.info: dict[str, dict] = {}
+        self.waiting = set(pending)
+        self.total = len(pending)
+        self.result = result
+        self.on_progress = on_progress
+        self.interval = interval
+        self.last_save = time.perf_counter()
 
-    def add(self, table: pa.Table) -> int:
-        """Take one output batch; returns how many captions (data rows) it held."""
-        import pyarrow.compute as pc
+    def add_batch(self, table: pa.Table) -> None:
+        for name, entry, captions in zip(table.column("shard").to_pylist(),
+                                         table.column("entry").to_pylist(),
+                                         table.column("captions").to_pylist()):
+            self.add(name, json.loads(entry), int(captions or 0))
 
-        trailer = pc.is_valid(table.column("shard_info"))
-        data = table.filter(pc.invert(trailer))
-        touched = set(pc.unique(data.column("source_shard")).to_pylist())
-        for name in touched:
-            part = data.filter(pc.equal(data.column("source_shard"), name))
-            self.parts.setdefault(name, []).append(part)
-            self.seen[name] += part.num_rows
-        for row in table.filter(trailer).select(["source_shard", "shard_info"]).to_pylist():
-            self.info[row["source_shard"]] = json.loads(row["shard_info"])
-            touched.add(row["source_shard"])
-        for name in touched:
-            self._maybe_finish(name)
-        return data.num_rows
-
-    def pending(self) -> list[str]:
-        return sorted(set(self.parts) | set(self.info))
-
-    def _maybe_finish(self, name: str) -> None:
-        import pyarrow.compute as pc
-
-        info = self.info.get(name)
-        if info is None or self.seen[name] < info["rows"]:
+    def add(self, name: str, entry: dict[str, Any], captions: int = 0) -> None:
+        if name not in self.waiting:      # a repeated row (a retried task): already recorded
             return
-        parts = self.parts.pop(name, [])
-        del self.info[name]
-        seen = self.seen.pop(name, 0)
-        counts = StageCounts.from_dict(info["counts"])
-        if info.get("error"):
-            self.on_failed(name, counts.to_dict(), info["error"])
-            return
-        if seen != info["rows"]:    # rows delivered twice: never write a file we cannot trust
-            self.on_failed(name, counts.to_dict(), f"got {seen} rows, the reader sent {info['rows']}")
-            return
-        table = pa.concat_tables(parts) if parts else None
-        if table is not None and table.num_rows:
-            for reason, n in Counter(r for r in table.column("skip").to_pylist() if r).items():
-                counts.skipped[reason] += n
-            table = table.filter(pc.is_null(table.column("skip")))
-            table = table.sort_by("source_index").select(PHRASE_SCHEMA.names).cast(PHRASE_SCHEMA)
+        self.waiting.discard(name)
+        entry.pop("stage", None)
+        if entry.get("status") == "done":
+            self.result.done.append(name)
+            self.result.captions += captions
         else:
-            table = PHRASE_SCHEMA.empty_table()
-        counts.written = table.num_rows
-        output = f"{name}.parquet"
-        try:
-            write_phrase_table(self.out_dir / output, table)
-        except OSError as exc:     # disk full, permissions: this shard fails, the run goes on
-            self.on_failed(name, counts.to_dict(), f"writing {output}: {exc}")
-            return
-        entry = counts.to_dict()
-        entry["cleaned"] = dict(sorted(info.get("cleaned", {}).items()))
-        entry["phrases"] = int(pc.sum(pc.list_value_length(table.column("phrases"))).as_py() or 0)
-        self.on_done(name, entry, [output])
+            log.warning("shard %s failed: %s", name, entry.get("error"))
+            self.result.failed.append(name)
+        self.manifest.shards[name] = entry
+        self.save()
+        if self.on_progress is not None:
+            self.on_progress(self.result.captions, self.total - len(self.waiting), self.total)
+
+    def save(self, force: bool = False) -> None:
+        if force or time.perf_counter() - self.last_save >= self.interval:
+            self.manifest.save(self.out_dir)
+            self.last_save = time.perf_counter()
+
+    def close(self, error: str) -> None:
+        """Record the shards whose row never came: done if a worker committed them, else failed."""
+        for name in sorted(self.waiting):
+            try:
+                record = fs.read_json(commit_path(self.out_dir, name))
+            except (OSError, ValueError):
+                record = None
+            if isinstance(record, dict) and record.get("status") == "done":
+                record.pop("shard", None)
+                self.add(name, record)
+            else:
+                self.add(name, {"status": "failed", "counts": {}, "error": error})
+        self.save(force=True)
 
 
 def spacy_identity(name: str) -> dict[str, str]:
     """Name and version of a spaCy pipeline, for the manifest, without importing spaCy.
 
-    The driver never parses, so it skips spaCy's import cost (a second of CPU that the
-    actors would rather have). Raises InputError when ``name`` is neither an installed
-    pipeline package nor a pipeline folder.
+    ``name`` is an installed pipeline package or a pipeline folder (local path or URI); a
+    folder comes back normalized (absolute, or the URI) as ``spacy_model``. The driver never
+    parses, so it skips spaCy's import cost (a second of CPU that the actors would rather have).
+    Raises InputError when ``name`` is neither.
     """
     import importlib.metadata as metadata
     import importlib.util
@@ -304,10 +334,17 @@ def spacy_identity(name: str) -> dict[str, str]:
         spacy_version = metadata.version("spacy")
     except metadata.PackageNotFoundError:
         raise InputError("spaCy is not installed (pip install spacy)") from None
-    folder = Path(name)
-    if folder.is_dir() and (folder / "config.cfg").exists():
-        meta = json.loads((folder / "meta.json").read_text()) if (folder / "meta.json").exists() else {}
-        return {"spacy_model": str(folder.resolve()), "spacy_model_version": str(meta.get("version", "?")),
+    if fs.is_remote(name) or os.path.isdir(os.path.expanduser(name)):
+        folder = fs.normalize(name)
+        try:
+            is_pipeline = fs.is_file(fs.join(folder, "config.cfg"))
+            meta_path = fs.join(folder, "meta.json")
+            meta = fs.read_json(meta_path) if is_pipeline and fs.is_file(meta_path) else {}
+        except (OSError, ValueError) as exc:
+            raise InputError(f"spaCy pipeline {name!r}: cannot be read ({exc})") from None
+        if not is_pipeline:
+            raise InputError(f"spaCy pipeline {name!r}: a folder without config.cfg is not a pipeline")
+        return {"spacy_model": folder, "spacy_model_version": str(meta.get("version", "?")),
                 "spacy_version": spacy_version}
     try:
         found = "/" not in name and importlib.util.find_spec(name) is not None
@@ -324,58 +361,90 @@ def spacy_identity(name: str) -> dict[str, str]:
     return {"spacy_model": name, "spacy_model_version": version, "spacy_version": spacy_version}
 
 
-def open_manifest(out_dir: Path, options: ParseOptions, model: dict) -> ParseManifest:
-    """The manifest to resume from, or a fresh one (``--overwrite`` or no manifest yet)."""
+def resolve_options(options: ParseOptions) -> tuple[ParseOptions, dict[str, str]]:
+    """``options`` with the spaCy model in its canonical form, and the model's identity."""
+    model = spacy_identity(options.spacy_model)
+    return replace(options, spacy_model=model["spacy_model"]), model
+
+
+def open_manifest(out_dir: str, options: ParseOptions, model: dict) -> ParseManifest:
+    """The manifest to resume from, or a fresh one (``--overwrite`` or no manifest yet).
+
+    Raises ``InputError`` when ``out_dir`` holds another stage's output, an unreadable manifest,
+    or output written with other output options (without ``--overwrite``).
+    """
     if not options.overwrite:
-        old = Manifest.resumable(out_dir, STAGE, asdict(options), OUTPUT_OPTIONS)
+        old = Manifest.resumable(fs.normalize(out_dir), STAGE, asdict(options), OUTPUT_OPTIONS)
         if old is not None:
-            return ParseManifest(stage=STAGE, options=old.options, model=old.model,
-                                 shards=old.shards)
+            return ParseManifest(stage=STAGE, options=old.options, model=old.model, shards=old.shards)
     return ParseManifest(stage=STAGE, options=asdict(options), model=model)
 
 
 def _actor_cpus(workers: int, cluster_cpus: float, nodes: int = 1) -> float:
-    """CPUs each actor asks for: one, unless that would leave read tasks no room to run.
+    """CPUs each actor asks for: one, unless that would leave no spare room on a node.
 
-    A pool of whole-CPU actors that fills every node starves the reads (and, after a node
-    loss, deadlocks: DESIGN.md); asking slightly less keeps one read slot free per node
-    when the actors are spread evenly (2 workers on 2 CPUs: 0.95 each).
+    A pool of whole-CPU actors that fills every node leaves nothing for Ray Data's own tasks
+    and, after a node loss, deadlocks (DESIGN.md: the restarting actor waits for CPUs the
+    survivors hold); asking slightly less keeps ``SPARE_CPUS_PER_NODE`` free per node when the
+    actors are spread evenly (2 workers on 2 CPUs: 0.95 each).
     """
-    free_for_actors = cluster_cpus - READ_TASK_CPUS * max(1, nodes)
+    free_for_actors = cluster_cpus - SPARE_CPUS_PER_NODE * max(1, nodes)
     return round(max(0.1, min(1.0, free_for_actors / max(1, workers))), 3)
 
 
-def run_parse_captions(shards: list[CrawledShard], out_dir: str | Path, options: ParseOptions,
+def _clear_previous_output(out_dir: str) -> None:
+    """``--overwrite``: forget every shard an earlier parse-captions run committed here.
+
+    Only outputs a manifest of this stage names are deleted (never files it does not own).
+    """
+    try:
+        old = Manifest.load(out_dir)
+    except (ValueError, OSError):
+        return                       # unreadable: nothing of it can be trusted to delete
+    if old is None or old.stage != STAGE:
+        return
+    for name, entry in old.shards.items():
+        clear_shard(out_dir, name, entry.get("outputs") or [])
+
+
+def run_parse_captions(shards: list[CrawledShard], out_dir: str, options: ParseOptions,
                        on_progress: Callable[[int, int, int], None] | None = None,
                        inputs: list[str] | None = None) -> ParseResult:
-    """Parse every shard not yet done into ``out_dir``; Ray must already be initialised.
+    """Parse every shard not yet done into ``out_dir`` (local path or URI); Ray must be up.
 
-    ``on_progress(captions_so_far, shards_finished, shards_total)`` is called per batch;
-    ``inputs`` (the paths the user gave) are recorded in the manifest's options.
-    Returns what happened; the manifest is saved as shards finish and at the end.
+    ``on_progress(captions_so_far, shards_finished, shards_total)`` is called per finished
+    shard; ``inputs`` (the paths the user gave, normalized) are recorded in the manifest's
+    options. Returns what happened; the manifest summary is saved as shards finish (at most
+    every ``MANIFEST_SAVE_INTERVAL_S``) and at the end.
     """
     import ray
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    manifest = open_manifest(out_dir, options, spacy_identity(options.spacy_model))
+    out_dir = fs.normalize(out_dir)
+    options, model = resolve_options(options)
+    fs.makedirs(out_dir)
     if options.overwrite:
-        for entry in list(manifest.shards.values()):
-            for name in entry.get("outputs") or []:
-                (out_dir / name).unlink(missing_ok=True)
-        manifest.shards = {}
+        _clear_previous_output(out_dir)
+    manifest = open_manifest(out_dir, options, model)
     result = ParseResult(manifest)
+    try:
+        present = {e.name for e in fs.list_dir(out_dir) if not e.is_dir}
+    except FileNotFoundError:
+        present = set()
     pending = []
     for shard in shards:
         entry = manifest.shards.get(shard.name, {})
-        outputs_there = all((out_dir / o).exists() for o in entry.get("outputs") or [])
-        if manifest.is_done(shard.name) and outputs_there:
+        outputs = entry.get("outputs") or []
+        if manifest.is_done(shard.name) and all(o in present for o in outputs):
             result.resumed.append(shard.name)
-        else:
-            pending.append(shard)
-            for leftover in out_dir.glob(f".{shard.name}.parquet.*.tmp"):   # a crash mid-write
-                leftover.unlink(missing_ok=True)
-    manifest.options = {**asdict(options), "inputs": [str(i) for i in inputs or []]}
+            continue
+        pending.append(shard)
+        if manifest.is_done(shard.name):     # committed, but its output is gone: redo it
+            clear_shard(out_dir, shard.name, outputs)
+            del manifest.shards[shard.name]
+        for leftover in present:             # a local write cut short by a crash
+            if leftover.startswith(f".{shard.name}.parquet.") and leftover.endswith(".tmp"):
+                fs.delete(fs.join(out_dir, leftover))
+    manifest.options = {**asdict(options), "inputs": [fs.normalize(i) for i in inputs or []]}
     manifest.save(out_dir)
     started = time.perf_counter()
     if not pending:
@@ -384,87 +453,55 @@ def run_parse_captions(shards: list[CrawledShard], out_dir: str | Path, options:
     cluster_cpus = float(ray.cluster_resources().get("CPU", 1.0))
     nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
     workers = options.workers or max(1, int(cluster_cpus))
-    last_save = [time.perf_counter()]
-
-    def save(force: bool = False) -> None:
-        if force or time.perf_counter() - last_save[0] >= MANIFEST_SAVE_INTERVAL_S:
-            manifest.save(out_dir)
-            last_save[0] = time.perf_counter()
-
-    def on_done(name: str, counts: dict, outputs: list[str]) -> None:
-        manifest.mark(name, "done", counts=counts, outputs=outputs)
-        result.done.append(name)
-        save()
-
-    def on_failed(name: str, counts: dict, error: str) -> None:
-        log.warning("shard %s failed: %s", name, error)
-        manifest.mark(name, "failed", counts=counts, error=error)
-        result.failed.append(name)
-        save()
-
-    collector = ShardCollector(out_dir, on_done, on_failed)
-    quiet = _quiet_ray_data()
-    ds = _build_dataset(pending, options, workers, _actor_cpus(workers, cluster_cpus, nodes))
+    recorder = ResultRecorder(manifest, out_dir, [s.name for s in pending], result, on_progress)
+    ds = build_dataset(pending, out_dir, options, workers, _actor_cpus(workers, cluster_cpus, nodes))
+    error = "lost: its result never arrived (the worker failed repeatedly; see Ray logs)"
     try:
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
-            result.captions += collector.add(batch)
-            if on_progress is not None:
-                on_progress(result.captions, len(result.done) + len(result.failed), len(pending))
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            recorder.add_batch(batch)
     except Exception as exc:   # the pipeline itself broke: record what was left, keep the rest
         log.error("parse-captions pipeline stopped: %s", exc)
-        finished = set(result.done) | set(result.failed)
-        for shard in pending:
-            if shard.name not in finished:
-                on_failed(shard.name, {}, f"pipeline error: {type(exc).__name__}: {exc}"[:2000])
+        error = f"pipeline error: {type(exc).__name__}: {exc}"[:2000]
     finally:
-        quiet.restore()
-        save(force=True)
-    for name in collector.pending():   # a trailer that never came (should not happen): not done
-        if name not in result.failed and name not in result.done:
-            on_failed(name, {}, "incomplete: rows or trailer missing")
-    save(force=True)
+        recorder.close(error)
     result.seconds = time.perf_counter() - started
     return result
 
 
-class _quiet_ray_data:
-    """Turn off Ray Data's own progress bars and stats logs (the command draws its own with
-    captions/s) for this run only; ``restore`` puts the process-wide settings back."""
-
-    SETTINGS = {"enable_progress_bars": False, "print_on_execution_start": False,
-                "enable_auto_log_stats": False}
-
-    def __init__(self):
-        import ray.data
-
-        self.ctx = ray.data.DataContext.get_current()
-        self.saved = {k: getattr(self.ctx, k) for k in self.SETTINGS}
-        for k, v in self.SETTINGS.items():
-            setattr(self.ctx, k, v)
-
-    def restore(self) -> None:
-        for k, v in self.saved.items():
-            setattr(self.ctx, k, v)
-
-
-def _build_dataset(pending: list[CrawledShard], options: ParseOptions, workers: int,
-                   actor_cpus: float):
+def build_dataset(pending: list[CrawledShard], out_dir: str, options: ParseOptions, workers: int,
+                  actor_cpus: float):
+    """The lazy Ray Dataset of one ``RESULT_SCHEMA`` row per pending shard."""
     import ray.data
 
-    items = [_shard_item(s) for s in pending]
-    return (ray.data.from_items(items, override_num_blocks=len(items))
-            .map_batches(read_shards, batch_size=1, batch_format="numpy",
-                         fn_kwargs={"max_caption_chars": options.max_caption_chars,
-                                    "block_rows": options.batch_size},
-                         num_cpus=READ_TASK_CPUS,
-                         compute=ray.data.TaskPoolStrategy(
-                             size=max(1, min(len(items), -(-workers // ACTORS_PER_READER)))))
-            .map_batches(PhraseActor, batch_size=options.batch_size, batch_format="pyarrow",
-                         fn_constructor_kwargs={"spacy_model": options.spacy_model,
-                                                "expressions": options.expressions},
-                         # autoscaling pool: a lost node shrinks it instead of deadlocking;
-                         # Ray Data restarts dead actors and retries their batches.
-                         # all actors start at once (no ramp-up), but the pool may shrink.
-                         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=workers,
-                                                            initial_size=workers),
-                         num_cpus=actor_cpus))
+    items = [{"shard": json.dumps(s.to_dict())} for s in pending]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    # The dataset's own copy of the DataContext: other Ray Data users in this process keep theirs.
+    ctx = ds.context
+    ctx.max_errored_blocks = -1          # a shard that keeps killing its actor costs that shard only
+    ctx.enable_progress_bars = False     # the command draws its own (captions/s)
+    ctx.print_on_execution_start = False
+    ctx.enable_auto_log_stats = False
+    size = max(1, workers)
+    remote_args: dict[str, Any] = {}
+    env = fs.worker_environment()
+    if env:   # the storage this driver sees, whoever started Ray (ensure_ray sets it job-wide too)
+        remote_args["runtime_env"] = {"env_vars": env}
+    with warnings.catch_warnings():
+        # max_task_retries has no named parameter yet (Ray 2.60 deprecates **ray_remote_args
+        # for 2.64); without it a shard that kills its actor every time is retried forever.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return ds.map_batches(
+            ShardParser, batch_size=1, batch_format="pyarrow",
+            fn_constructor_kwargs={"spacy_model": options.spacy_model,
+                                   "expressions": options.expressions, "out_dir": out_dir,
+                                   "max_caption_chars": options.max_caption_chars,
+                                   "batch_size": options.batch_size},
+            # autoscaling pool: a lost node shrinks it instead of deadlocking (DESIGN.md); it
+            # starts at full size (no ramp-up while spaCy loads); one shard per actor at a time,
+            # so a shard never queues behind another while an actor is idle
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=size,
+                                               initial_size=min(size, len(items)),
+                                               max_tasks_in_flight_per_actor=1),
+            num_cpus=actor_cpus,
+            # a dead actor is restarted (a preempted node); a shard that kills it 3 times is dropped
+            max_restarts=-1, max_task_retries=3, **remote_args)

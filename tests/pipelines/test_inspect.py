@@ -42,7 +42,8 @@ def shards(tmp_path):
         for i, scores in enumerate([[0.9, 0.3], [0.5], [], [0.7, 0.65, 0.2]]):
             w.write(sample(f"k{i}", scores), jpeg())
     m = Manifest(stage="pseudo-label")
-    m.mark("00000", "done", counts={"read": 6, "written": 4, "skipped": {"no_phrases": 2}}, outputs=[])
+    m.mark("00000", "done", counts={"read": 6, "written": 4, "skipped": {"no_phrases": 2}},
+           outputs=w.outputs, labels=w.labels, checksums=w.checksums)
     m.save(out)
     return out
 
@@ -99,6 +100,44 @@ def test_render_draws_matching_boxes(cli, shards, tmp_path):
     assert im.getpixel((24, 20)) == (90, 90, 90)          # the 0.3 box is filtered out
 
 
+def test_summary_where_and_to_come_from_the_label_tables_not_the_tars(cli, shards, tmp_path):
+    """A folder whose tars have label tables is summarised, filtered and exported without
+    opening a tar: delete the tars (a stage's folder: the manifest names them) or fill them with
+    garbage (a plain folder), and everything but --render gives the same answer."""
+    import shutil
+
+    def views(folder, tag):
+        summary = cli("inspect", folder, "--json")
+        assert summary.exit_code == 0, summary.output
+        out = tmp_path / f"{tag}.parquet"
+        r = cli("inspect", folder, "--where", "score >= 0.5", "--to", out, "--view", "samples", "--json")
+        assert r.exit_code == 0, r.output
+        s = json.loads(summary.output)
+        return s, pq.read_table(out).drop_columns(["file"]).to_pylist()
+
+    expected, expected_rows = views(shards, "intact")
+    assert expected["samples"] == 4 and len(expected_rows) == 3
+    plain = tmp_path / "plain"                       # the same files, no manifest
+    plain.mkdir()
+    for f in shards.glob("*-*.*"):
+        shutil.copy(f, plain / f.name)
+    tars = sorted(shards.glob("*.tar"))
+    assert len(tars) == 2 and all(f.with_name(f.name[:-4] + ".labels.parquet").exists() for f in tars)
+    for tar in tars:
+        tar.unlink()
+    for tar in plain.glob("*.tar"):
+        tar.write_bytes(b"\0" * 512)
+    for folder, tag in ((shards, "deleted"), (plain, "garbage")):
+        got, rows = views(folder, tag)
+        if folder == plain:
+            expected.pop("manifest", None)
+        assert got == expected and rows == expected_rows, tag
+    # --render needs the images: without the tars, what it could not draw is a counted skip
+    r = cli("inspect", shards, "--render", tmp_path / "png", "--limit", "2", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["skipped"] == {"render_sample_not_found": 2}
+
+
 def test_render_gold_json_needs_image_root(cli, tmp_path):
     images = tmp_path / "img"
     images.mkdir()
@@ -135,7 +174,7 @@ def test_bad_paths_exit_2(cli, tmp_path):
 
 
 def test_truncated_only_shard_is_exit_2_naming_the_reason(cli, tmp_path):
-    with ShardWriter(tmp_path, "t", max_samples=10) as w:
+    with ShardWriter(tmp_path, "t", max_samples=10, labels=False) as w:   # the tar is all there is
         w.write(sample("k", [0.9]), jpeg())
     tar = tmp_path / "t-00000.tar"
     tar.write_bytes(tar.read_bytes()[:700])

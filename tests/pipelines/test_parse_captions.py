@@ -4,6 +4,7 @@ Few pipeline runs, each checking several things (Ray Data start-up costs seconds
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -28,11 +29,13 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def write_img2dataset_shard(root: Path, shard: str, samples: list[dict]) -> Path:
-    """One img2dataset webdataset-mode shard: NNNNN.tar (+ .parquet metadata, _stats.json).
+def write_img2dataset_shard(root: Path, shard: str, samples: list[dict], sidecar: bool = False) -> Path:
+    """One img2dataset webdataset-mode shard: NNNNN.tar (+ _stats.json, and with ``sidecar``
+    the .parquet metadata beside it).
 
     Each sample: ``{"txt": bytes | None, "caption_in_json": str | None}``; keys are
-    img2dataset's (shard id + 4-digit index).
+    img2dataset's (shard id + 4-digit index). Without a sidecar the stage reads the tar, where
+    bad records (undecodable .txt, a cut-off archive) live; a sidecar's captions are text already.
     """
     root.mkdir(parents=True, exist_ok=True)
     meta_rows = []
@@ -46,7 +49,8 @@ def write_img2dataset_shard(root: Path, shard: str, samples: list[dict]) -> Path
             if s.get("txt") is not None:
                 _add(tar, f"{key}.txt", s["txt"])
             _add(tar, f"{key}.json", json.dumps(meta).encode())
-    pq.write_table(pa.Table.from_pylist(meta_rows), root / f"{shard}.parquet")
+    if sidecar:
+        pq.write_table(pa.Table.from_pylist(meta_rows), root / f"{shard}.parquet")
     (root / f"{shard}_stats.json").write_text(json.dumps({"count": len(samples)}))
     return root / f"{shard}.tar"
 
@@ -125,7 +129,14 @@ def test_parse_all_input_kinds(parsed, crawl):
     assert "captions written" in output and "skipped: no_letters" in output
     names = NAMES
     assert sorted(p.name for p in out.iterdir()) == sorted([f"{n}.parquet" for n in names]
-                                                           + ["_manifest.json"])
+                                                           + ["_manifest.json", "_shards"])
+    # each worker committed its shard: the record is the manifest entry, the checksum the file's
+    assert sorted(p.name for p in (out / "_shards").iterdir()) == sorted(f"{n}.json" for n in names)
+    for n in names:
+        record = json.loads((out / "_shards" / f"{n}.json").read_text())
+        assert {k: v for k, v in record.items() if k not in ("shard", "stage")} == manifest["shards"][n]
+        assert record["outputs"] == [f"{n}.parquet"]
+        assert record["checksums"] == {f"{n}.parquet": hashlib.sha256((out / f"{n}.parquet").read_bytes()).hexdigest()}
     for table in tables.values():
         assert table.schema.equals(PHRASE_SCHEMA)
         check_phrase_table(table)
@@ -172,6 +183,7 @@ def test_resume_after_an_interrupted_run(parsed, cli, crawl):
     before = {n: (out / f"{n}.parquet").stat().st_mtime_ns for n in names}
     web_entry = first["shards"]["web"]
     (out / "web.parquet").unlink()
+    (out / "_shards" / "web.json").unlink()                                # never committed
     (out / ".web.parquet.abc123.tmp").write_bytes(b"half a parquet file")   # crash leftover
     manifest["shards"]["web"] = {"status": "running"}
     (out / "_manifest.json").write_text(json.dumps(manifest))
@@ -186,6 +198,16 @@ def test_resume_after_an_interrupted_run(parsed, cli, crawl):
     assert resumed["totals"] == first["totals"]
     assert resumed["shards"]["web"] == web_entry
     assert not (out / ".web.parquet.abc123.tmp").exists()                  # leftover cleaned up
+    assert (out / "_shards" / "web.json").exists()
+
+    # -- a committed shard whose output was deleted by hand is redone, and only it
+    before = {n: (out / f"{n}.parquet").stat().st_mtime_ns for n in names}
+    (out / "more.parquet").unlink()
+    res = cli("parse-captions", crawl / "i2d", crawl / "extra", "--out", out, "--workers", "1")
+    assert res.exit_code == 0 and "1 parsed, 4 already done" in res.output, res.output
+    assert read_phrase_file(out / "more.parquet").equals(tables["more"])
+    assert all((out / f"{n}.parquet").stat().st_mtime_ns == before[n] for n in names if n != "more")
+    assert json.loads((out / "_manifest.json").read_text())["totals"] == first["totals"]
 
     # -- resuming with options that change the output is refused
     res = cli("parse-captions", crawl / "i2d", "--out", out, "--expressions")
@@ -235,12 +257,12 @@ def test_a_shard_that_fails_is_recorded_and_the_others_finish(ray_session, crawl
     assert read_phrase_file(tmp_path / "out" / "more.parquet").num_rows == 20
 
 
-def test_actor_cpus_leave_room_for_reads():
-    from pipelines.parse_captions import READ_TASK_CPUS, _actor_cpus
+def test_actor_cpus_leave_room_beside_the_pool():
+    from pipelines.parse_captions import SPARE_CPUS_PER_NODE as SPARE, _actor_cpus
 
     assert _actor_cpus(1, 2.0) == 1.0
-    assert 2 * _actor_cpus(2, 2.0) + READ_TASK_CPUS <= 2.0          # a read still fits
-    assert 4 * _actor_cpus(4, 4.0, nodes=2) + 2 * READ_TASK_CPUS <= 4.0
+    assert 2 * _actor_cpus(2, 2.0) + SPARE <= 2.0          # room for a task or a restarting actor
+    assert 4 * _actor_cpus(4, 4.0, nodes=2) + 2 * SPARE <= 4.0
     assert _actor_cpus(8, 64.0, nodes=4) == 1.0
 
 
@@ -269,3 +291,67 @@ def test_user_errors_exit_2_naming_the_file(cli, tmp_path):
     assert not (tmp_path / "o3").exists()
     assert os.listdir(tmp_path / "other") == ["_manifest.json"]
     assert ray.is_initialized() == ray_was_up          # every error came before Ray started
+
+
+# ------------------------------------------------------------------ img2dataset layout, sidecar
+
+def plain_loop_phrase_tables(root: Path) -> dict[str, pa.Table]:
+    """The phrase files of an img2dataset folder computed without Ray: read each tar, clean,
+    one nlp.pipe, build the rows (what parse-captions wrote before workers wrote their own)."""
+    from labeling.phrases import PhraseExtractor, clean_caption, load_spacy
+    from storage.crawled import CrawledShard, discover_crawled_shards
+    from storage.skips import StageCounts
+
+    extractor = PhraseExtractor(load_spacy())
+    tables = {}
+    for shard in discover_crawled_shards([str(root)]):
+        tar_only = CrawledShard(**{**shard.to_dict(), "sidecar": ""})
+        recs = []
+        for r in tar_only.iter_records(StageCounts()):
+            caption, _ = clean_caption(r["caption"])
+            if caption is not None:
+                recs.append({**r, "caption": caption, "source_shard": shard.name})
+        rows = [{**r, "phrases": p} for r, p in zip(recs, extractor.extract_batch([r["caption"] for r in recs]))
+                if p]
+        tables[shard.name] = pa.Table.from_pylist([{k: r.get(k) for k in PHRASE_SCHEMA.names} for r in rows],
+                                                  schema=PHRASE_SCHEMA)
+    return tables
+
+
+@pytest.fixture(scope="module")
+def i2d_captions(flickr_captions):
+    """Three shards of real captions (one with a repeated caption, to give identical texts)."""
+    caps = flickr_captions[200:290]
+    return [caps[:40], caps[40:75] + [caps[40]], caps[75:]]
+
+
+def test_sidecar_and_tar_give_identical_phrase_files(cli, tmp_path, i2d_captions):
+    """The same crawl read through img2dataset's Parquet sidecars and through the tars: the
+    phrase files of a plain single-process loop, byte-identical between the two, same counts;
+    the sidecar run never needed the tars."""
+    from tests.storage.conftest import write_img2dataset_folder
+
+    tar_only = write_img2dataset_folder(tmp_path / "b", i2d_captions)
+    for side in tar_only.glob("*.parquet"):
+        side.unlink()
+    expected = plain_loop_phrase_tables(tar_only)
+    with_sidecar = write_img2dataset_folder(tmp_path / "a", i2d_captions)
+    for tar in with_sidecar.glob("*.tar"):       # proof the tars are not read: they are garbage
+        tar.write_bytes(b"\0" * 10_000)
+    manifests = {}
+    for label, root in (("a", with_sidecar), ("b", tar_only)):
+        res = cli("parse-captions", root, "--out", tmp_path / f"out_{label}", "--workers", "2",
+                  "--batch-size", "16")
+        assert res.exit_code == 0, res.output
+        manifests[label] = json.loads((tmp_path / f"out_{label}" / "_manifest.json").read_text())
+    a, b = manifests["a"], manifests["b"]
+    assert sorted(a["shards"]) == sorted(b["shards"]) == ["00000", "00001", "00002"]
+    for name, table in expected.items():
+        got = read_phrase_file(tmp_path / "out_b" / f"{name}.parquet")
+        assert got.equals(table), name
+        check_phrase_table(got)
+        assert (tmp_path / "out_a" / f"{name}.parquet").read_bytes() == \
+            (tmp_path / "out_b" / f"{name}.parquet").read_bytes()
+        assert a["shards"][name] == b["shards"][name]           # counts, outputs, checksums
+    assert a["totals"]["read"] == sum(len(c) for c in i2d_captions)   # failed downloads: no records
+    assert a["totals"]["written"] == sum(t.num_rows for t in expected.values())
