@@ -27,8 +27,9 @@ Failures: a shard whose read raises comes back as a row with the error; it is re
 its shard redone (``max_restarts=-1``, ``max_task_retries=3``; the output object is simply
 written again under its name); a shard that kills its actor every time is dropped
 (``max_errored_blocks=-1``) and recorded failed ("lost") unless its commit record says a worker
-finished it. Resume trusts commit records (``Manifest.resumable`` reads them), so a driver that
-died after a worker committed still resumes correctly.
+finished it. Resume trusts commit records, not the summary (``Manifest.resumable`` reads the
+records the summary lacks, so a driver that died after a worker committed still resumes
+correctly, and a shard the summary shows done without its record or its output is redone).
 
 Measured costs beside spaCy's ~1 CPU-second per 1k captions: reading + cleaning ~8 ms (sidecar:
 a few percent of the tar's bytes), building the Arrow output ~20 ms (phrase extraction included).
@@ -51,7 +52,7 @@ from labeling.phrases import DEFAULT_MAX_CAPTION_CHARS, DEFAULT_SPACY_MODEL, cle
 from storage import fs
 from storage.crawled import CrawledShard
 from storage.errors import InputError
-from storage.manifest import (Manifest, clear_shard, commit_path, commit_shard, dumps_entry)
+from storage.manifest import COMMITS_DIR, Manifest, clear_shard, commit_path, commit_shard, dumps_entry
 from storage.phrase_files import PHRASE_SCHEMA, PHRASE_STRUCT, write_phrase_table
 from storage.skips import StageCounts
 
@@ -407,6 +408,14 @@ def _clear_previous_output(out_dir: str) -> None:
         clear_shard(out_dir, name, entry.get("outputs") or [])
 
 
+def _names_in(folder: str) -> set[str]:
+    """The file names in ``folder`` (one listing; none when it does not exist)."""
+    try:
+        return {e.name for e in fs.list_dir(folder) if not e.is_dir}
+    except FileNotFoundError:
+        return set()
+
+
 def run_parse_captions(shards: list[CrawledShard], out_dir: str, options: ParseOptions,
                        on_progress: Callable[[int, int, int], None] | None = None,
                        inputs: list[str] | None = None) -> ParseResult:
@@ -426,19 +435,18 @@ def run_parse_captions(shards: list[CrawledShard], out_dir: str, options: ParseO
         _clear_previous_output(out_dir)
     manifest = open_manifest(out_dir, options, model)
     result = ParseResult(manifest)
-    try:
-        present = {e.name for e in fs.list_dir(out_dir) if not e.is_dir}
-    except FileNotFoundError:
-        present = set()
+    # Two listings, not a request per shard: a shard is resumed only when its commit record
+    # (the truth; the summary may be stale) and its output are both there.
+    present, committed = _names_in(out_dir), {n[:-5] for n in _names_in(fs.join(out_dir, COMMITS_DIR))}
     pending = []
     for shard in shards:
         entry = manifest.shards.get(shard.name, {})
         outputs = entry.get("outputs") or []
-        if manifest.is_done(shard.name) and all(o in present for o in outputs):
+        if manifest.is_done(shard.name) and shard.name in committed and all(o in present for o in outputs):
             result.resumed.append(shard.name)
             continue
         pending.append(shard)
-        if manifest.is_done(shard.name):     # committed, but its output is gone: redo it
+        if manifest.is_done(shard.name):     # its commit record or its output is gone: redo it
             clear_shard(out_dir, shard.name, outputs)
             del manifest.shards[shard.name]
         for leftover in present:             # a local write cut short by a crash
