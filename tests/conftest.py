@@ -48,3 +48,69 @@ def cli():
         result = runner.invoke(app, [str(a) for a in args], catch_exceptions=True)
         return result
     return invoke
+
+
+# ---- real servers on loopback (tests/servers.py): S3 (SeaweedFS) and a two-node Ray cluster ----
+
+def _servers():
+    """tests/servers.py (the tests folder is on sys.path in pytest's default import mode)."""
+    import sys
+
+    here = str(Path(__file__).resolve().parent)
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    import servers
+
+    return servers
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A SeaweedFS `weed mini` S3 server on 127.0.0.1 (free ports), one bucket; stopped by pid.
+
+    Attributes: endpoint, host, port, access_key, secret_key, bucket, region; env() (AWS_* for
+    clients), uri(*parts) -> "s3://bucket/...", filesystem() -> pyarrow S3FileSystem.
+    """
+    server = _servers().start_s3_server()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    """s3_server.env() applied to os.environ for one test."""
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    return s3_server
+
+
+@pytest.fixture
+def s3_prefix(s3_server, request) -> str:
+    """A fresh "s3://bucket/<test-name>-<uuid>" prefix for one test."""
+    import re
+    import uuid
+
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", request.node.name).strip("-")[:80]
+    return s3_server.uri(f"{name}-{uuid.uuid4().hex[:12]}")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A two-node Ray cluster on this machine (1 CPU each, token auth), for subprocesses only:
+    run them with env={**os.environ, **ray_cluster.env()} (RAY_ADDRESS, RAY_AUTH_MODE,
+    RAY_AUTH_TOKEN) or pass `--address ray_cluster.address` plus that env.
+
+    Attributes: address, token, env(), kill_worker_node(), start_worker_node(), startup_s.
+    A test that kills the worker node leaves it dead; `_ray_cluster_two_nodes` starts a new one
+    before the next test that uses this fixture. Stopped by pid at the end of the session.
+    """
+    cluster = _servers().start_ray_cluster()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(autouse=True)
+def _ray_cluster_two_nodes(request):
+    """Before each test that uses ray_cluster: restart the worker node if a previous test killed it."""
+    if "ray_cluster" in request.fixturenames:
+        request.getfixturevalue("ray_cluster").ensure_worker_node()
