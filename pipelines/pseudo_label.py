@@ -73,6 +73,13 @@ STAGE = "pseudo-label"
 SUPPORTED_EXTENSIONS = ("jpg", "png", "webp")   # what storage.shards readers accept as images
 PRECISIONS = ("fp32", "bf16")
 MANIFEST_SAVE_INTERVAL_S = 2.0
+# ... and at most this share of the driver's time: the summary grows with the number of shards,
+# so the pause between saves grows with the time a save takes (O(1) work per shard overall).
+MANIFEST_SAVE_SHARE = 0.05
+# Input shards per Ray Data block: the driver's work is per block (task submission, output
+# bookkeeping), so many small shards are grouped, while every actor still gets several blocks
+# to balance the tail. A block that is retried skips the shards it already committed.
+BLOCKS_PER_WORKER = 4
 # A batch in which more than this share of images fail one by one is the device's fault, not
 # the images': the actor exits and Ray restarts it.
 DEVICE_FAILURE_SHARE = 0.5
@@ -404,12 +411,16 @@ class TeacherWorker:
     def __call__(self, batch):
         import pyarrow as pa
 
+        from storage.manifest import read_commit
+
         rows = []
         for spec_json in batch.column("spec").to_pylist():
             spec = json.loads(spec_json)
             entry, error = "", ""
             try:
-                entry = json.dumps(self.labeler.label_shard(spec))
+                # a retried block (its actor died) skips what it committed before dying
+                done = read_commit(spec["out_dir"], spec["shard"]["name"])
+                entry = json.dumps(done if done is not None else self.labeler.label_shard(spec))
             except self.labeler._device_error as exc:
                 # Replace this process: Ray restarts the actor and retries the shard elsewhere.
                 log.error("teacher device failure on shard %s, restarting the actor: %s", spec["shard"]["name"], exc)
@@ -426,7 +437,8 @@ def build_dataset(specs: list[dict[str, Any]], *, worker_cls: type, worker_kwarg
     """The lazy Ray Dataset of one result row per shard spec."""
     import ray
 
-    ds = ray.data.from_items([{"spec": json.dumps(s)} for s in specs], override_num_blocks=max(1, len(specs)))
+    blocks = max(1, min(len(specs), BLOCKS_PER_WORKER * max(1, workers)))
+    ds = ray.data.from_items([{"spec": json.dumps(s)} for s in specs], override_num_blocks=blocks)
     # The dataset's own copy of the DataContext: other Ray Data users in this process keep theirs.
     ctx = ds.context
     ctx.max_errored_blocks = -1   # a shard that keeps killing its actor costs that shard, not the run
@@ -628,7 +640,7 @@ def run_pseudo_label(shards: list[CrawledShard], out_dir: str, options: PseudoLa
                      "resize": {"min_size": resize.min_size, "max_size": resize.max_size},
                      "batch_size": options.batch_size, "max_samples_per_tar": options.max_samples_per_tar}
     started, started_wall = time.perf_counter(), time.time()
-    last_save = [started]
+    saver = _SummarySaver(manifest, out_dir)
     finished: set[str] = set()
 
     def record(row: dict[str, Any]) -> None:
@@ -649,9 +661,7 @@ def run_pseudo_label(shards: list[CrawledShard], out_dir: str, options: PseudoLa
             result.failed.append(name)
         if row.get("ready_at") and result.teacher_ready_seconds is None:
             result.teacher_ready_seconds = max(0.0, row["ready_at"] - started_wall)
-        if time.perf_counter() - last_save[0] >= MANIFEST_SAVE_INTERVAL_S:
-            manifest.save(out_dir)
-            last_save[0] = time.perf_counter()
+        saver.maybe_save()
         if on_progress is not None:
             on_progress(result.images, result.boxes, len(finished), len(pending))
 
@@ -673,6 +683,23 @@ def run_pseudo_label(shards: list[CrawledShard], out_dir: str, options: PseudoLa
     manifest.save(out_dir)
     result.seconds = time.perf_counter() - started
     return result
+
+
+class _SummarySaver:
+    """Rewrites ``_manifest.json`` now and then while shards finish (the commit records are the truth)."""
+
+    def __init__(self, manifest: Manifest, out_dir: str):
+        self.manifest, self.out_dir = manifest, out_dir
+        self.last = time.perf_counter()
+        self.pause = MANIFEST_SAVE_INTERVAL_S
+
+    def maybe_save(self) -> None:
+        now = time.perf_counter()
+        if now - self.last < self.pause:
+            return
+        self.manifest.save(self.out_dir)
+        self.last = time.perf_counter()
+        self.pause = max(MANIFEST_SAVE_INTERVAL_S, (self.last - now) / MANIFEST_SAVE_SHARE)
 
 
 def _remove_unfinished_local_files(out_dir: str, names: set[str]) -> None:

@@ -53,6 +53,18 @@ def commit_shard(out_dir: str, shard: str, entry: dict[str, Any]) -> None:
     fs.write_json(commit_path(out_dir, shard), {"shard": shard, **entry}, indent=None)
 
 
+def read_commit(out_dir: str, shard: str) -> dict[str, Any] | None:
+    """The commit record of ``shard``, or None when it has none (not committed)."""
+    try:
+        record = fs.read_json(commit_path(out_dir, shard))
+    except FileNotFoundError:
+        return None
+    if not isinstance(record, dict) or record.get("status") != "done":
+        return None
+    record.pop("shard", None)
+    return record
+
+
 def read_commits(out_dir: str, skip: set[str] | frozenset[str] = frozenset()) -> dict[str, dict[str, Any]]:
     """Every readable commit record under ``out_dir`` (by shard), leaving out the names in ``skip``.
 
