@@ -627,6 +627,9 @@ def run_pseudo_label(shards: list[CrawledShard], out_dir: str, options: PseudoLa
     gpus = options.gpus_per_worker
     if gpus is None:
         gpus = 1.0 if cluster.get("GPU", 0) > 0 else 0.0
+    if gpus > cluster.get("GPU", 0):      # Ray would wait for such an actor forever
+        raise InputError(f"--gpus-per-worker {gpus:g}: the Ray cluster has {cluster.get('GPU', 0):g} GPUs; "
+                         f"pass --gpus-per-worker 0 to label on CPUs")
     workers = options.workers or default_workers(cluster, gpus)
     result.workers = workers
     config = options.filter_config

@@ -276,6 +276,7 @@ def test_cli_labels_every_good_image_and_counts_every_bad_one(inputs, labeled):
         assert (d["width"], d["height"]) == Image.open(io.BytesIO(image)).size
         assert d["source"] == f"pseudo/{sha[:12]}"
         assert d["extra"]["teacher_sha256"] == sha and d["extra"]["threshold"] == THRESHOLD
+        assert d["extra"]["precision"] == "fp32" == manifest["options"]["precision"]
         assert len(d["phrases"]) == (1 if key.endswith("badspan") else 2)   # grounded or not, all kept
         for b in d["boxes"]:
             x, y, w, h = b["bbox"]
@@ -347,6 +348,29 @@ def test_bad_teacher_and_missing_phrases_are_exit_2(inputs, tmp_path, cli):
     r = cli("pseudo-label", str(inputs["crawled"]), "--phrases", str(tmp_path / "empty"),
             "--teacher", str(tmp_path), "--out", str(tmp_path / "o"))
     assert r.exit_code == 2
+
+
+def test_teachers_no_actor_could_load_are_refused_by_the_driver(inputs, tmp_path, cli):
+    """A .ckpt (or .pth) that is not an official GLIP checkpoint, or GPUs the cluster lacks: exit 2
+    before any actor starts."""
+    import torch
+
+    (tmp_path / "garbage.ckpt").write_bytes(b"not a checkpoint at all")
+    torch.save({"state_dict": {"layer": "a Lightning checkpoint of something else"}}, tmp_path / "lightning.ckpt")
+    for bad, message in (("garbage.ckpt", "cannot read checkpoint"), ("lightning.ckpt", "holds no tensors")):
+        r = cli("pseudo-label", str(inputs["crawled"]), "--phrases", str(inputs["phrases"]),
+                "--teacher", str(tmp_path / bad), "--out", str(tmp_path / "o"))
+        assert r.exit_code == 2 and message in r.output, r.output
+        assert not (tmp_path / "o").exists()
+    torch.save({"model": {"module.layer.weight": torch.zeros(2)}}, tmp_path / "other.pth")   # tensors, not GLIP's
+    r = cli("pseudo-label", str(inputs["crawled"]), "--phrases", str(inputs["phrases"]),
+            "--teacher", str(tmp_path / "other.pth"), "--out", str(tmp_path / "o"))
+    assert r.exit_code == 2 and "not an official GLIP" in r.output, r.output
+
+
+def test_gpus_the_cluster_lacks_are_an_input_error(inputs, teacher_dir, tmp_path, cli, ray_session):
+    r = cli(*_args(inputs, teacher_dir, tmp_path / "o"), "--gpus-per-worker", "1")
+    assert r.exit_code == 2 and "has 0 GPUs" in r.output, r.output
 
 
 def _crash_once_worker(marker: Path):
