@@ -158,12 +158,14 @@ def _batches(items: list, size: int) -> Iterable[list]:
 
 
 def detect_coco(model, ann_json: str | Path, image_root: str | Path, *, batch_size: int = 8,
-                threshold: float = 0.0, max_tokens: int | None = None, counts: StageCounts | None = None,
+                threshold: float | None = None, max_tokens: int | None = None, counts: StageCounts | None = None,
                 progress: Callable[[int], None] | None = None) -> tuple[list[dict[str, Any]], list[int], Any]:
     """Zero-shot detection of every COCO category on every image of ``ann_json``.
 
     Each image is grounded against every category prompt (category names split over the
     model's token limit); each category's span yields scored boxes that become COCO results.
+    ``threshold=None`` is the official protocol (GLIP's post-processor: the 0.05 candidate cut
+    and the best 100 boxes per image and prompt); a number keeps every box scoring at least it.
     Returns (detections, evaluated image ids, the COCO ground truth object).
     """
     from storage.goldg import load_coco_api

@@ -3,7 +3,7 @@ phrase-grounding Recall@k of a checkpoint."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Optional, Any
 
 import typer
 
@@ -11,7 +11,7 @@ from storage.errors import InputError
 
 
 def evaluate_model(model_path: str | Path, coco: str | None = None, grounding: str | None = None, *,
-                   batch_size: int = 8, threshold: float = 0.0, merge_boxes: bool = False,
+                   batch_size: int = 8, threshold: float | None = None, merge_boxes: bool = False,
                    model=None, show_progress: bool = True) -> dict[str, Any]:
     """The numbers `glipctl evaluate` prints: ``{"model": path, "coco": {...}, "grounding": {...}}``.
 
@@ -106,9 +106,9 @@ def main(
     out: Annotated[str | None, typer.Option("--out", help="Write the same numbers (and per-category AP) "
                                             "to this JSON file (local path or URI).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")] = 8,
-    threshold: Annotated[float, typer.Option("--threshold", help="Drop detections scoring below this before "
-                                             "COCOeval (0 keeps the best 100 per image, as COCO "
-                                             "expects).")] = 0.0,
+    threshold: Annotated[Optional[float], typer.Option("--threshold", help="Keep every detection scoring at "
+                                             "least this for COCOeval. Default: the official GLIP protocol "
+                                             "(0.05 candidate cut, the best 100 boxes per image).")] = None,
     merge_boxes: Annotated[bool, typer.Option("--merge-boxes", help="Grounding: compare against the union of a "
                                               "phrase's gold boxes (Flickr30K 'merged' protocol) instead of "
                                               "any one of them.")] = False,
