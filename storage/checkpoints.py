@@ -101,16 +101,20 @@ def local_model(path: str | os.PathLike) -> str:
     return str(target)
 
 
-def upload_checkpoint(local: str | os.PathLike, dest: str | os.PathLike) -> None:
-    """Copy the local checkpoint folder ``local`` to ``dest`` (local path or URI).
+def upload_checkpoint(local: str | os.PathLike, dest: str | os.PathLike, skip: tuple[str, ...] = ()) -> None:
+    """Copy the local checkpoint folder ``local`` (less the names in ``skip``) to ``dest`` (local path or URI).
 
     ``dest/config.json`` is removed first and written last, so ``dest`` never looks like a
     complete checkpoint while it holds a mix of two; sub-folders are replaced whole.
     """
     local = Path(local)
-    fs.delete(fs.join(dest, CONFIG))
+    # only what is there: deleting a missing folder on S3 makes pyarrow leave a folder marker behind
+    if fs.exists(fs.join(dest, CONFIG)):
+        fs.delete(fs.join(dest, CONFIG))
     for child in sorted(local.iterdir(), key=lambda p: (p.name == CONFIG, p.name)):
+        if child.name in skip:
+            continue
         target = fs.join(dest, child.name)
-        if child.is_dir():
+        if child.is_dir() and fs.exists(target):
             fs.delete_dir(target)
         fs.upload_tree(child, target)

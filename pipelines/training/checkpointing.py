@@ -176,12 +176,14 @@ def load_train_state(checkpoint: str | Path) -> dict[str, Any]:
 
 
 def publish_checkpoint(checkpoint: Location, out: str | Path) -> None:
-    """``publish`` for any filesystem: the checkpoint's files at the top of ``out``."""
+    """``publish`` for any filesystem: the checkpoint's files at the top of ``out``
+    (on object stores without ``train_state.pt``: module docstring)."""
+    from storage.checkpoints import local_model
+
     if not fs.is_remote(out):
         publish(checkpoint, out)
         return
-    local = fs.local_copy(checkpoint) if fs.is_remote(checkpoint) else checkpoint
-    upload_checkpoint(local, out)
+    upload_checkpoint(local_model(checkpoint), out, skip=(TRAIN_STATE,))
 
 
 def clear_run(out: str | Path, names: tuple[str, ...]) -> None:
@@ -269,7 +271,7 @@ class RunOutput:
         if final is None:
             return
         if self.remote:
-            upload_checkpoint(final, self.out)
+            upload_checkpoint(final, self.out, skip=(TRAIN_STATE,))
         else:
             publish(final, self.out)
 

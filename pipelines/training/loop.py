@@ -89,8 +89,8 @@ def build_model(options: TrainOptions, checkpoint: str | None = None):
     from glip import GLIP, load_teacher
     from storage.checkpoints import local_model
 
-    if checkpoint:
-        return GLIP.from_pretrained(local_model(checkpoint))
+    if checkpoint:   # resuming: the whole folder is copied anyway, for its train_state.pt
+        return GLIP.from_pretrained(fs.local_copy(checkpoint))
     if options.init:
         model = load_teacher(local_model(options.init), preset=options.preset if options.preset != "tiny" else None)
         sizes = {k: v for k, v in options.model_overrides.items() if k in ("min_size", "max_size")}

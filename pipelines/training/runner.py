@@ -239,7 +239,10 @@ def train(options: TrainOptions, progress: bool = True) -> TrainResult:
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=options.workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(name=f"train-student-{int(time.time() * 1000)}", **storage,
-                             failure_config=FailureConfig(max_failures=0)),
+                             failure_config=FailureConfig(max_failures=0),
+                             # the workers resolve URIs as the driver does, even in a Ray started
+                             # before this process had its storage environment
+                             worker_runtime_env={"env_vars": fs.worker_environment()}),
     )
     try:
         with _Progress(fs.join(out, METRICS), start_step, options.steps, progress):

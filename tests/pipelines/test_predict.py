@@ -82,3 +82,55 @@ def test_evaluate_command_writes_same_numbers(cli, tiny_checkpoint, tmp_path):
     assert f"{100 * rep['coco']['AP']:.1f}" in r.output
     r = cli("evaluate", "--model", tiny_checkpoint, "--out", out)
     assert r.exit_code == 2
+
+
+def test_predict_evaluate_and_convert_take_uris(cli, tiny_checkpoint, shapes_image, s3_env, s3_prefix, tmp_path,
+                                                monkeypatch):
+    """The same commands with the model, the images, the annotations and the outputs on S3."""
+    from glip import GLIP
+    from pipelines.commands.convert_official import save_model
+    from pipelines.world import WorldSpec, generate_world
+    from storage import fs
+
+    monkeypatch.setenv("GLIPCTL_CACHE_DIR", str(tmp_path / "cache"))
+    model = fs.join(s3_prefix, "model")
+    save_model(GLIP.from_pretrained(tiny_checkpoint), model)        # what convert-official --out s3://... does
+    assert {e.name for e in fs.list_dir(model)} == {"config.json", "model.safetensors", "tokenizer"}
+    image = fs.join(s3_prefix, "images", "shapes.jpg")
+    fs.upload_tree(shapes_image, image)
+
+    pred = fs.join(s3_prefix, "pred")
+    r = cli("predict", image, "--model", model, "--prompt", "a red square next to a blue square",
+            "--phrases", "a red square;a blue square", "--threshold", "0", "--out", pred)
+    assert r.exit_code == 0, r.output
+    preds = fs.read_json(fs.join(pred, "predictions.json"))
+    assert preds["images"][0]["image"] == image and preds["images"][0]["png"] == fs.join(pred, "shapes.png")
+    assert preds["images"][0]["boxes"]
+    drawn = Image.open(fs.open_input_file(fs.join(pred, "shapes.png")))
+    assert drawn.size[0] % 96 == 0 and drawn.size[0] // 96 == drawn.size[1] // 80
+
+    w = generate_world(tmp_path / "world", WorldSpec.small(seed=0).scaled(eval_images=4, gold_images=4,
+                                                                          crawled_images=4))
+    data = fs.join(s3_prefix, "eval")
+    fs.upload_tree(w.eval_images, fs.join(data, "images"))
+    fs.upload_tree(w.eval_coco_json, fs.join(data, "coco.json"))
+    fs.upload_tree(w.eval_grounding_json, fs.join(data, "grounding.json"))
+    remote_out, local_out = fs.join(s3_prefix, "eval.json"), tmp_path / "eval.json"
+    r = cli("evaluate", "--model", model, "--coco", f"{data}/coco.json={data}/images",
+            "--grounding", f"{data}/grounding.json={data}/images", "--out", remote_out, "--batch-size", "2")
+    assert r.exit_code == 0, r.output
+    r = cli("evaluate", "--model", tiny_checkpoint, "--coco", w.eval_coco_arg, "--grounding", w.eval_grounding_arg,
+            "--out", local_out, "--batch-size", "2")
+    assert r.exit_code == 0, r.output
+    remote, local = fs.read_json(remote_out), json.loads(local_out.read_text())
+    assert remote["coco"]["images"] == local["coco"]["images"] == 4
+    for name in ("AP", "AP50"):
+        assert remote["coco"][name] == pytest.approx(local["coco"][name], abs=1e-9)
+    assert remote["grounding"]["R@1"] == pytest.approx(local["grounding"]["R@1"], abs=1e-9)
+
+    r = cli("convert-official", fs.join(s3_prefix, "missing.pth"), "--out", fs.join(s3_prefix, "converted"))
+    assert r.exit_code == 2 and "no such checkpoint" in " ".join(r.output.split())
+    fs.write_bytes(fs.join(s3_prefix, "junk.pth"), b"not a checkpoint")
+    r = cli("convert-official", fs.join(s3_prefix, "junk.pth"), "--out", fs.join(s3_prefix, "converted"))
+    assert r.exit_code == 2 and "cannot read checkpoint" in " ".join(r.output.split())
+    assert not fs.exists(fs.join(s3_prefix, "converted", "config.json"))
