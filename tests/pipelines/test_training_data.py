@@ -55,6 +55,19 @@ def test_annotated_images_names_the_missing_part(tmp_path):
     assert AnnotatedImages.parse(f"{ann}={tmp_path}", "--gold").image_root == str(tmp_path)
 
 
+def test_annotated_images_split_after_json_and_normalize(tmp_path, monkeypatch):
+    # "=" inside a path (Hive-style partitions, common in buckets) does not split it
+    part = tmp_path / "date=2024"
+    (part / "img=1").mkdir(parents=True)
+    (part / "ann.json").write_text("{}")
+    spec = AnnotatedImages.parse(f"{part / 'ann.json'}={part / 'img=1'}", "--gold")
+    assert (spec.annotations, spec.image_root) == (str(part / "ann.json"), str(part / "img=1"))
+    monkeypatch.chdir(tmp_path)                       # relative paths come back absolute
+    spec = AnnotatedImages.parse("date=2024/ann.json=date=2024/img=1", "--eval")
+    assert (spec.annotations, spec.image_root) == (str(part / "ann.json"), str(part / "img=1"))
+    assert AnnotatedImages.parse(f"file://{part / 'ann.json'}={part}", "--gold").annotations == str(part / "ann.json")
+
+
 def test_options_refuse_runs_that_cannot_train(tmp_path):
     with pytest.raises(InputError, match="nothing to train on"):
         TrainOptions(out=str(tmp_path)).validate()
@@ -264,3 +277,19 @@ def test_feed_leaves_phrases_without_a_kept_box_out_of_the_loss(world, pseudo_di
     with pytest.raises(InputError, match="pseudo-unboxed"):
         TrainOptions(out="x", gold=[AnnotatedImages(str(world.gold_json), str(world.gold_images))],
                      pseudo_unboxed="maybe").validate()
+
+
+def test_options_shipped_to_ray_hold_absolute_paths_and_uris(tmp_path, monkeypatch):
+    from pipelines.training.runner import normalized_options
+
+    monkeypatch.chdir(tmp_path)
+    o = normalized_options(TrainOptions(
+        out="runs/student", gold=[AnnotatedImages("gold.json", "images")], pseudo=["pseudo", "s3://b/pseudo/"],
+        detection=[AnnotatedImages("s3://b/coco.json", "s3://b/coco/")], eval=[AnnotatedImages("e.json", "e")],
+        init="file:///models/teacher", text_encoder=None))
+    assert o.out == str(tmp_path / "runs" / "student")
+    assert o.gold == [AnnotatedImages(str(tmp_path / "gold.json"), str(tmp_path / "images"))]
+    assert o.pseudo == [str(tmp_path / "pseudo"), "s3://b/pseudo"]
+    assert o.detection == [AnnotatedImages("s3://b/coco.json", "s3://b/coco")]
+    assert o.eval == [AnnotatedImages(str(tmp_path / "e.json"), str(tmp_path / "e"))]
+    assert (o.init, o.text_encoder) == ("/models/teacher", None)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -136,3 +137,59 @@ def test_checkpoints_are_atomic_pruned_and_published(tmp_path):
     assert (tmp_path / "tokenizer" / "vocab.txt").read_text() == "s20"
     assert not any(p.name.startswith((".tmp", ".old")) for p in tmp_path.iterdir())
     assert [s for s, _ in list_checkpoints(tmp_path)] == [15, 20]
+
+
+def _objects(prefix: str) -> list[str]:
+    """Every object under ``prefix`` (an emptied folder may still be listed by SeaweedFS: not an object)."""
+    from storage import fs
+
+    try:
+        return [e.name for e in fs.list_dir(prefix, recursive=True)]
+    except FileNotFoundError:
+        return []
+
+
+def test_checkpoints_on_s3_are_committed_by_the_pointer(s3_env, s3_prefix, tmp_path, monkeypatch):
+    from pipelines.training.checkpointing import RunOutput, clear_run, publish_checkpoint
+    from pipelines.training.runner import RUN_OUTPUTS
+    from storage import fs
+    from storage.checkpoints import POINTER, local_model, read_pointer
+
+    monkeypatch.setenv("GLIPCTL_CACHE_DIR", str(tmp_path / "cache"))
+    out = fs.join(s3_prefix, "run")
+    run = RunOutput(out)
+    assert run.remote and run.work.is_relative_to(tmp_path / "cache")
+    assert list_checkpoints(out) == [] and latest_checkpoint(out) is None
+    for step in (5, 10, 15):
+        where = run.save_checkpoint(step, _fake_model_saver(f"s{step}"), {"step": step}, keep=2)
+        assert where == fs.join(out, f"checkpoints/step-{step:08d}")
+    assert list_checkpoints(out) == [(10, fs.join(out, "checkpoints/step-00000010")),
+                                     (15, fs.join(out, "checkpoints/step-00000015"))]
+    assert _objects(fs.join(out, "checkpoints", "step-00000005")) == []              # its objects are gone
+    assert [p.name for p in (run.work / "checkpoints").iterdir()] == ["step-00000015"]  # staging: newest only
+    # an upload that never got its pointer (a crash mid-upload) is not a checkpoint, and the next save removes it
+    fs.write_bytes(fs.join(out, "checkpoints", "step-00000020", "model.safetensors"), b"half")
+    assert latest_checkpoint(out) == fs.join(out, "checkpoints/step-00000015")
+    assert load_train_state(latest_checkpoint(out)) == {"step": 15}
+    # rewriting a committed step: it is uncommitted while its objects change, then committed again
+    run.save_checkpoint(15, _fake_model_saver("again"), {"step": 15, "again": True}, keep=2)
+    assert read_pointer(out)["kept"] == [[10, "checkpoints/step-00000010"], [15, "checkpoints/step-00000015"]]
+    assert not fs.exists(fs.join(out, "checkpoints", "step-00000020", "model.safetensors"))
+    assert fs.read_bytes(fs.join(out, "checkpoints", "step-00000015", "model.safetensors")) == b"again"
+
+    run.publish_final()
+    assert fs.read_bytes(fs.join(out, "model.safetensors")) == b"again"
+    assert fs.read_text(fs.join(out, "tokenizer", "vocab.txt")) == "again"
+    assert not fs.exists(fs.join(out, TRAIN_STATE))              # the optimizer state stays in checkpoints/
+    # a model path on S3 loads from a local copy of the newest checkpoint, without its optimizer state
+    model = local_model(out)
+    assert sorted(p.name for p in Path(model).iterdir()) == ["config.json", "model.safetensors", "tokenizer"]
+    assert (Path(model) / "config.json").read_text() == '{"tag": "again"}'
+    publish_checkpoint(fs.join(out, "checkpoints/step-00000010"), out)           # --resume at the target step
+    assert fs.read_bytes(fs.join(out, "model.safetensors")) == b"s10"
+    run.close()
+    assert not run.work.exists()
+
+    clear_run(out, RUN_OUTPUTS)                                   # --overwrite
+    assert not fs.exists(fs.join(out, POINTER)) and list_checkpoints(out) == []
+    assert _objects(out) == []

@@ -107,3 +107,23 @@ def test_write_from_pseudo_samples_names_categories_by_phrase(tmp_path, make_sam
     assert [c["name"] for c in data["categories"]] == ["a green lawn", "a red dog"]
     assert [a["category_id"] for a in data["annotations"]] == [2, 1, 2]
     assert data["annotations"][1]["score"] == 0.8
+
+
+def test_coco_on_s3_reads_and_writes_like_local(s3_env, s3_prefix, tmp_path, make_jpeg):
+    from storage import fs
+
+    path, images = coco_file(tmp_path, make_jpeg)
+    remote_ann, remote_images = fs.join(s3_prefix, "instances_val2017.json"), fs.join(s3_prefix, "val2017")
+    fs.upload_tree(path, remote_ann)
+    fs.upload_tree(images, remote_images)
+    local_counts, remote_counts = StageCounts(), StageCounts()
+    local = list(load_coco_detection(path, images, local_counts))
+    remote = list(load_coco_detection(remote_ann, remote_images, remote_counts))
+    assert remote[0].extra["image_path"] == fs.join(remote_images, "1.jpg")
+    assert remote[0].source == local[0].source == "det/instances_val2017"
+    for s in remote + local:
+        s.extra.pop("image_path")
+    assert [s.to_dict() for s in remote] == [s.to_dict() for s in local]
+    assert remote_counts.to_dict() == local_counts.to_dict()
+    write_coco_detection(remote, fs.join(s3_prefix, "back.json"), categories=CATS)
+    assert fs.read_json(fs.join(s3_prefix, "back.json"))["images"][0]["file_name"] == "1.jpg"

@@ -100,3 +100,38 @@ def test_unparsable_or_missing_file_is_input_error(tmp_path):
     ok.write_text('{"images": [], "annotations": []}')
     with pytest.raises(InputError, match="image folder not found"):
         list(load_mdetr(ok, tmp_path / "no_images", StageCounts()))
+
+
+def test_annotations_and_images_on_s3_read_the_same(s3_env, s3_prefix, tmp_path, make_jpeg):
+    from storage import fs
+
+    path, images = mdetr_file(tmp_path, make_jpeg,
+                              extra_images=[{"id": 2, "file_name": "sub/3000.jpg", "width": 30, "height": 20,
+                                             "caption": "a cup", "dataset_name": "flickr"},
+                                            {"id": 3, "file_name": "sub/gone.jpg", "width": 30, "height": 20,
+                                             "caption": "a cup", "dataset_name": "flickr"}],
+                              extra_anns=[{"id": 9, "image_id": 2, "bbox": [1, 1, 5, 5], "category_id": 1,
+                                           "tokens_positive": [[0, 5]]}])
+    (images / "sub").mkdir()
+    (images / "sub" / "3000.jpg").write_bytes(make_jpeg(30, 20))
+    remote_ann, remote_images = fs.join(s3_prefix, "ann.json"), fs.join(s3_prefix, "flickr30k")
+    fs.upload_tree(path, remote_ann)
+    fs.upload_tree(images, remote_images)
+    local_counts, remote_counts = StageCounts(), StageCounts()
+    local = list(load_mdetr(path, images, local_counts))
+    remote = list(load_mdetr(remote_ann, remote_images, remote_counts))
+    assert [s.extra["image_path"] for s in remote] == [fs.join(remote_images, n)
+                                                       for n in ("1000.jpg", "2000.jpg", "sub/3000.jpg")]
+    for s in remote + local:
+        s.extra.pop("image_path")
+    assert [s.to_dict() for s in remote] == [s.to_dict() for s in local]
+    assert remote_counts.to_dict() == local_counts.to_dict() and remote_counts.skipped == {"missing_image": 1}
+    # written to S3 and read back: the same samples, file names relative to the image root
+    again = list(load_mdetr(remote_ann, remote_images, StageCounts()))
+    write_mdetr(again, fs.join(s3_prefix, "out.json"), image_root=remote_images)
+    assert [i["file_name"] for i in fs.read_json(fs.join(s3_prefix, "out.json"))["images"]] == \
+        ["1000.jpg", "2000.jpg", "sub/3000.jpg"]
+    with pytest.raises(InputError, match="image folder not found"):
+        list(load_mdetr(remote_ann, fs.join(s3_prefix, "nothing-here"), StageCounts()))
+    with pytest.raises(InputError, match="not found"):
+        list(load_mdetr(fs.join(s3_prefix, "nope.json"), None, StageCounts()))

@@ -59,3 +59,29 @@ def test_detection_variant_round_trip_with_label_map(tmp_path):
         assert back.caption == det.caption == "car. traffic light."
         assert [b.to_dict() for b in back.boxes] == [b.to_dict() for b in det.boxes]
         assert back.extra["category_ids"] == [3, 7] and back.key == det.key
+
+
+def test_odvg_on_s3_streams_lines_like_local(s3_env, s3_prefix, tmp_path, make_jpeg, monkeypatch):
+    import storage.odvg as odvg
+    from storage import fs
+
+    (tmp_path / "im.jpg").write_bytes(make_jpeg(40, 30))
+    line = {"filename": "im.jpg", "height": 30, "width": 40,
+            "grounding": {"caption": "a cat near a bowl.", "regions": [{"bbox": [1, 1, 20, 20], "phrase": "a cat"}]}}
+    text = "\n".join([json.dumps(dict(line, key=f"k{i}")) for i in range(50)] + ["{broken", ""])
+    (tmp_path / "g.jsonl").write_text(text)
+    remote = fs.join(s3_prefix, "g.jsonl")
+    fs.write_text(remote, text)
+    fs.upload_tree(tmp_path / "im.jpg", fs.join(s3_prefix, "images", "im.jpg"))
+    monkeypatch.setattr(odvg, "_CHUNK", 37)              # lines cut across chunk boundaries
+    local_counts, remote_counts = StageCounts(), StageCounts()
+    local = list(load_odvg(tmp_path / "g.jsonl", tmp_path, local_counts))
+    got = list(load_odvg(remote, fs.join(s3_prefix, "images"), remote_counts))
+    assert [s.key for s in got] == [f"k{i}" for i in range(50)]
+    assert got[0].extra["image_path"] == fs.join(s3_prefix, "images", "im.jpg")
+    assert remote_counts.to_dict() == local_counts.to_dict() and remote_counts.skipped == {"bad_json": 1}
+    assert [s.boxes[0].bbox for s in got] == [s.boxes[0].bbox for s in local]
+    labels = write_odvg(got[:2], fs.join(s3_prefix, "out.jsonl"), image_root=fs.join(s3_prefix, "images"))
+    assert labels == {}
+    assert [json.loads(x)["filename"] for x in fs.read_text(fs.join(s3_prefix, "out.jsonl")).splitlines()] == \
+        ["im.jpg", "im.jpg"]
