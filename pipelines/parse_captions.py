@@ -335,18 +335,18 @@ def spacy_identity(name: str) -> dict[str, str]:
         spacy_version = metadata.version("spacy")
     except metadata.PackageNotFoundError:
         raise InputError("spaCy is not installed (pip install spacy)") from None
-    if fs.is_remote(name) or os.path.isdir(os.path.expanduser(name)):
-        folder = fs.normalize(name)
+    as_path = fs.normalize(name) if "://" in name else os.path.expanduser(name)
+    if fs.is_remote(as_path) or os.path.isdir(as_path):
+        folder = fs.normalize(as_path)
         try:
             is_pipeline = fs.is_file(fs.join(folder, "config.cfg"))
             meta_path = fs.join(folder, "meta.json")
             meta = fs.read_json(meta_path) if is_pipeline and fs.is_file(meta_path) else {}
         except (OSError, ValueError) as exc:
             raise InputError(f"spaCy pipeline {name!r}: cannot be read ({exc})") from None
-        if not is_pipeline:
-            raise InputError(f"spaCy pipeline {name!r}: a folder without config.cfg is not a pipeline")
-        return {"spacy_model": folder, "spacy_model_version": str(meta.get("version", "?")),
-                "spacy_version": spacy_version}
+        if is_pipeline:
+            return {"spacy_model": folder, "spacy_model_version": str(meta.get("version", "?")),
+                    "spacy_version": spacy_version}
     try:
         found = "/" not in name and importlib.util.find_spec(name) is not None
     except (ImportError, ValueError):
@@ -418,13 +418,14 @@ def _names_in(folder: str) -> set[str]:
 
 def run_parse_captions(shards: list[CrawledShard], out_dir: str, options: ParseOptions,
                        on_progress: Callable[[int, int, int], None] | None = None,
-                       inputs: list[str] | None = None) -> ParseResult:
+                       inputs: list[str] | None = None, parser_cls: type | None = None) -> ParseResult:
     """Parse every shard not yet done into ``out_dir`` (local path or URI); Ray must be up.
 
     ``on_progress(captions_so_far, shards_finished, shards_total)`` is called per finished
     shard; ``inputs`` (the paths the user gave, normalized) are recorded in the manifest's
     options. Returns what happened; the manifest summary is saved as shards finish (at most
-    every ``MANIFEST_SAVE_INTERVAL_S``) and at the end.
+    every ``MANIFEST_SAVE_INTERVAL_S``) and at the end. ``parser_cls`` replaces ``ShardParser``
+    (a subclass, e.g. for fault injection in tests).
     """
     import ray
 
@@ -438,6 +439,10 @@ def run_parse_captions(shards: list[CrawledShard], out_dir: str, options: ParseO
     # Two listings, not a request per shard: a shard is resumed only when its commit record
     # (the truth; the summary may be stale) and its output are both there.
     present, committed = _names_in(out_dir), {n[:-5] for n in _names_in(fs.join(out_dir, COMMITS_DIR))}
+    leftovers: dict[str, list[str]] = {}     # atomic_write's temporaries: ".<name>.parquet.<random>.tmp"
+    for n in present:
+        if n.startswith(".") and n.endswith(".tmp") and ".parquet." in n:
+            leftovers.setdefault(n[1:].split(".parquet.", 1)[0], []).append(n)
     pending = []
     for shard in shards:
         entry = manifest.shards.get(shard.name, {})
@@ -449,9 +454,8 @@ def run_parse_captions(shards: list[CrawledShard], out_dir: str, options: ParseO
         if manifest.is_done(shard.name):     # its commit record or its output is gone: redo it
             clear_shard(out_dir, shard.name, outputs)
             del manifest.shards[shard.name]
-        for leftover in present:             # a local write cut short by a crash
-            if leftover.startswith(f".{shard.name}.parquet.") and leftover.endswith(".tmp"):
-                fs.delete(fs.join(out_dir, leftover))
+        for leftover in leftovers.get(shard.name, ()):    # a local write cut short by a crash
+            fs.delete(fs.join(out_dir, leftover))
     manifest.options = {**asdict(options), "inputs": [fs.normalize(i) for i in inputs or []]}
     manifest.save(out_dir)
     started = time.perf_counter()
@@ -462,7 +466,8 @@ def run_parse_captions(shards: list[CrawledShard], out_dir: str, options: ParseO
     nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
     workers = options.workers or max(1, int(cluster_cpus))
     recorder = ResultRecorder(manifest, out_dir, [s.name for s in pending], result, on_progress)
-    ds = build_dataset(pending, out_dir, options, workers, _actor_cpus(workers, cluster_cpus, nodes))
+    ds = build_dataset(pending, out_dir, options, workers, _actor_cpus(workers, cluster_cpus, nodes),
+                       parser_cls or ShardParser)
     error = "lost: its result never arrived (the worker failed repeatedly; see Ray logs)"
     try:
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
@@ -477,7 +482,7 @@ def run_parse_captions(shards: list[CrawledShard], out_dir: str, options: ParseO
 
 
 def build_dataset(pending: list[CrawledShard], out_dir: str, options: ParseOptions, workers: int,
-                  actor_cpus: float):
+                  actor_cpus: float, parser_cls: type = ShardParser):
     """The lazy Ray Dataset of one ``RESULT_SCHEMA`` row per pending shard."""
     import ray.data
 
@@ -499,7 +504,7 @@ def build_dataset(pending: list[CrawledShard], out_dir: str, options: ParseOptio
         # for 2.64); without it a shard that kills its actor every time is retried forever.
         warnings.simplefilter("ignore", DeprecationWarning)
         return ds.map_batches(
-            ShardParser, batch_size=1, batch_format="pyarrow",
+            parser_cls, batch_size=1, batch_format="pyarrow",
             fn_constructor_kwargs={"spacy_model": options.spacy_model,
                                    "expressions": options.expressions, "out_dir": out_dir,
                                    "max_caption_chars": options.max_caption_chars,

@@ -258,6 +258,57 @@ def test_a_shard_that_fails_is_recorded_and_the_others_finish(ray_session, crawl
     assert read_phrase_file(tmp_path / "out" / "more.parquet").num_rows == 20
 
 
+def _dying_parser(marker: Path):
+    """A ShardParser whose process dies (os._exit) on shard "poison" every time, and on shard
+    "crash" once (``marker`` remembers it across processes)."""
+    import sys
+
+    import ray.cloudpickle
+
+    from pipelines.parse_captions import ShardParser
+
+    class DyingParser(ShardParser):
+        def __init__(self, **kwargs):       # spaCy loads on first use: restarts stay cheap
+            self.kwargs = kwargs
+            self.loaded = False
+
+        def __call__(self, batch):
+            name = json.loads(batch.column("shard")[0].as_py())["name"]
+            if name == "poison" or (name == "crash" and not marker.exists()):
+                marker.touch()
+                os._exit(1)
+            if not self.loaded:
+                super().__init__(**self.kwargs)
+                self.loaded = True
+            return super().__call__(batch)
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])   # workers cannot import tests
+    return DyingParser
+
+
+def test_a_dying_worker_is_restarted_and_a_shard_that_always_kills_it_is_lost(ray_session, tmp_path,
+                                                                           flickr_captions):
+    from pipelines.parse_captions import ParseOptions, run_parse_captions
+    from storage.crawled import discover_crawled_shards
+
+    for i, name in enumerate(["crash", "good", "poison"]):
+        lines = [json.dumps({"caption": c, "key": f"{name}{j}"})
+                 for j, c in enumerate(flickr_captions[500 + 10 * i:510 + 10 * i])]
+        (tmp_path / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
+    shards = discover_crawled_shards([str(tmp_path / f"{n}.jsonl") for n in ("crash", "good", "poison")])
+    marker = tmp_path / "died"
+    out = tmp_path / "out"
+    result = run_parse_captions(shards, out, ParseOptions(workers=2), parser_cls=_dying_parser(marker))
+    assert marker.exists()
+    assert sorted(result.done) == ["crash", "good"] and result.failed == ["poison"]
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert manifest["shards"]["poison"]["status"] == "failed"
+    assert manifest["shards"]["poison"]["error"].startswith("lost")
+    assert manifest["shards"]["crash"]["counts"]["read"] == 10             # redone whole, once
+    assert read_phrase_file(out / "crash.parquet").num_rows == manifest["shards"]["crash"]["counts"]["written"]
+    assert sorted(p.name for p in (out / "_shards").iterdir()) == ["crash.json", "good.json"]
+
+
 def test_actor_cpus_leave_room_beside_the_pool():
     from pipelines.parse_captions import SPARE_CPUS_PER_NODE as SPARE, _actor_cpus
 
