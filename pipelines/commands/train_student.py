@@ -7,13 +7,15 @@ import typer
 
 
 def main(
-    out: Annotated[str, typer.Option("--out", help="Output folder: the final checkpoint at its top "
-                                     "(GLIP.from_pretrained(OUT)), checkpoints/, metrics.jsonl, _manifest.json.",
+    out: Annotated[str, typer.Option("--out", help="Output folder, local or a URI (s3://, gs://): the final "
+                                     "checkpoint at its top (GLIP.from_pretrained(OUT)), checkpoints/, metrics.jsonl, "
+                                     "_manifest.json; on object stores latest.json commits each checkpoint.",
                                      show_default=False)],
     gold: Annotated[Optional[list[str]], typer.Option(
-        "--gold", help="MDETR/GoldG grounding data as ANN.json=IMAGE_DIR (repeatable).")] = None,
+        "--gold", help="MDETR/GoldG grounding data as ANN.json=IMAGE_DIR, local paths or URIs (repeatable).")] = None,
     pseudo: Annotated[Optional[list[str]], typer.Option(
-        "--pseudo", help="Pseudo-label shard folder or .tar from `glipctl pseudo-label` (repeatable).")] = None,
+        "--pseudo", help="Pseudo-label shard folder or .tar from `glipctl pseudo-label`, local or a URI; a folder "
+                     "gives the shards its manifest commits (repeatable).")] = None,
     detection: Annotated[Optional[list[str]], typer.Option(
         "--detection", help="COCO detection data as ANN.json=IMAGE_DIR, trained as prompts of category names "
                             "with random negative categories (repeatable).")] = None,
@@ -23,7 +25,7 @@ def main(
     text_encoder: Annotated[Optional[str], typer.Option(
         help="Local BERT folder for the text encoder (default: the preset's).")] = None,
     init: Annotated[Optional[str], typer.Option(
-        help="Start from these weights: a glipctl checkpoint folder or an official GLIP .pth.")] = None,
+        help="Start from these weights: a glipctl checkpoint folder or an official GLIP .pth (local or a URI).")] = None,
     steps: Annotated[int, typer.Option(min=1, help="Optimizer steps in total (a resumed run continues to it).")] = 1000,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per step per worker.")] = 4,
     lr: Annotated[float, typer.Option(help="Peak learning rate of everything but the text encoder (AdamW).")] = 1e-4,

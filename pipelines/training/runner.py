@@ -139,7 +139,10 @@ class _Progress:
             seen = 0
             while True:
                 stopping = self._stop.wait(self.interval)
-                rows = [r for r in read_metrics(self.path) if r.get("step", 0) > self.start_step]
+                try:
+                    rows = [r for r in read_metrics(self.path) if r.get("step", 0) > self.start_step]
+                except OSError:       # an object store's hiccup costs one update, not the bar
+                    rows = []
                 if len(rows) > seen:
                     seen, row = len(rows), rows[-1]
                     losses = " ".join(f"{k.removeprefix('loss_') if k != 'loss' else 'loss'}={row[k]:.3f}"
