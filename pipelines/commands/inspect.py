@@ -36,7 +36,10 @@ def main(
         "--json", help="Print the summary as JSON on stdout instead of tables.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every skipped record.")] = False,
 ) -> None:
-    """Summarise grounded samples (shards, GoldG, COCO, ODVG): boxes per sample, scores, phrases, sources, skips; filter with --where, export with --to, draw with --render."""
+    """Summarise grounded samples (shards, GoldG, COCO, ODVG): boxes per sample, scores, phrases, sources, skips; filter with --where, export with --to, draw with --render.
+
+    Every path may be a URI (s3://bucket/pseudo/). Shards with a label table beside them (pseudo-label writes one per tar) are summarised, filtered and exported from the tables alone; only --render reads the images.
+    """
     from pipelines.common import setup_logging
     from pipelines.inspect_run import InspectOptions, print_summary, run_inspect
     from storage import fs

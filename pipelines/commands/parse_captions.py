@@ -46,8 +46,7 @@ def main(
 ) -> None:
     """Extract groundable noun phrases (exact character spans) from crawled captions with spaCy on Ray.
 
-    Each Ray actor parses whole input shards and writes their phrase files (and commit records)
-    straight to --out, local or object storage; a re-run resumes from the committed shards.
+    Ray actors parse whole input shards and write their phrase files and commit records straight to --out (local or object storage); a re-run resumes from the committed shards.
 
     Exit 1 when a shard failed (error in the manifest, the others written); exit 2 on bad input.
     """
