@@ -300,26 +300,20 @@ def _best_reads(roots: dict[str, tuple[str, bool]], rounds: int) -> dict[str, di
 
 def _s3_reads(folder: Path, rounds: int) -> dict[str, dict] | None:
     """The read step against SeaweedFS (tests/servers.py), or None when it cannot start."""
-    try:
-        from storage import fs
-        from tests.servers import start_s3_server
-        server = start_s3_server(bucket="bench")
-    except Exception as exc:  # noqa: BLE001 - no weed binary: the local numbers stand alone
-        print(f"bench parse_captions: no SeaweedFS ({exc}); S3 rows left out", file=sys.stderr)
-        return None
-    saved = {k: os.environ.get(k) for k in server.env()}
-    os.environ.update(server.env())
-    try:
+    import contextlib
+
+    from benchmarks.s3 import seaweedfs
+    from storage import fs
+
+    with contextlib.ExitStack() as stack:
+        try:
+            server = stack.enter_context(seaweedfs())
+        except Exception as exc:  # noqa: BLE001 - no weed binary: the local numbers stand alone
+            print(f"bench parse_captions: no SeaweedFS ({exc}); S3 rows left out", file=sys.stderr)
+            return None
         uri = server.uri("crawl")
         fs.upload_tree(folder, uri)
         return _best_reads({"sidecar": (uri, True), "tar": (uri, False)}, rounds)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        server.stop()
 
 
 def sidecar_section(n: int, rounds: int, env: dict, batch_size: int, tmp: Path,

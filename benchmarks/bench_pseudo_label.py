@@ -71,7 +71,7 @@ def _teacher(root: Path, preset: str = "tiny") -> Path:
 
 
 def _plain_loop(shards, phrases_dir: Path, teacher_path: Path, image_size: int = IMAGE_SIZE,
-                device: str = "cpu") -> dict:
+                device: str = "cpu", precision: str = "fp32") -> dict:
     """One process (one torch thread on CPU): decode + resize first (not timed), then the teacher."""
     import torch
 
@@ -95,7 +95,7 @@ def _plain_loop(shards, phrases_dir: Path, teacher_path: Path, image_size: int =
                 if row is None or not row["phrases"] or not isinstance(decoded, DecodedImage):
                     continue
                 items.append((resize(decoded.image), (decoded.width, decoded.height), row))
-        teacher = GLIPTeacher.load(teacher_path, device=device)
+        teacher = GLIPTeacher.load(teacher_path, device=device, precision=precision)
         config = FilterConfig(threshold=THRESHOLD)
         boxes = 0
         start = time.perf_counter()
@@ -116,12 +116,12 @@ def _plain_loop(shards, phrases_dir: Path, teacher_path: Path, image_size: int =
 
 
 def _pipeline(shards, phrases_dir, teacher_path, out, workers: int,
-              image_size: int = IMAGE_SIZE) -> dict:
+              image_size: int = IMAGE_SIZE, precision: str = "fp32") -> dict:
     from pipelines.pseudo_label import PseudoLabelOptions, run_pseudo_label
 
     options = PseudoLabelOptions(phrases=str(phrases_dir), teacher=str(teacher_path), threshold=THRESHOLD,
                                  nms_iou=0.6, max_boxes_per_phrase=10, min_box_size=2.0, image_size=image_size,
-                                 workers=workers, batch_size=BATCH_SIZE, overwrite=True)
+                                 workers=workers, batch_size=BATCH_SIZE, precision=precision, overwrite=True)
     start = time.perf_counter()
     result = run_pseudo_label(shards, str(out), options)
     seconds = time.perf_counter() - start
@@ -201,41 +201,46 @@ def _gpu_section(shards, phrases_dir: Path, root: Path) -> str:
     import torch
 
     if not torch.cuda.is_available():
-        return ("GPU: none on this machine, so the `glip-t` teacher at 800 px through the pipeline vs the "
-                "plain loop was not measured (run `make bench` on a GPU machine to fill this in).")
+        return ("GPU: none on this machine (and no GPU was lent to this task), so the `glip-t` teacher at "
+                "800 px, fp32 and bf16, through the pipeline vs the plain loop was not measured "
+                "(`make bench` on a GPU machine fills this in).")
+    rows = []
     try:
         teacher = _teacher(root, "glip-t")
-        plain = _plain_loop(shards, phrases_dir, teacher, image_size=800, device="cuda")
-        one = _pipeline(shards, phrases_dir, teacher, root / "out_gpu", workers=1, image_size=800)
+        for precision in ("fp32", "bf16"):
+            plain = _plain_loop(shards, phrases_dir, teacher, image_size=800, device="cuda", precision=precision)
+            one = _pipeline(shards, phrases_dir, teacher, root / f"out_gpu_{precision}", workers=1, image_size=800,
+                            precision=precision)
+            rows.append(f"| {precision} | plain loop | {plain['images']} | {plain['seconds']:.1f} | {plain['ips']:.2f} | "
+                        f"{plain['ips']:.2f} | 1.00x |")
+            rows.append(f"| {precision} | pipeline, 1 GPU worker | {one['images']} | {one['seconds']:.1f} ({one['load']:.1f}) | "
+                        f"{one['ips']:.2f} | {one['steady_ips']:.2f} | {one['steady_ips'] / plain['ips']:.2f}x |")
     except Exception as exc:   # report, do not lose the CPU numbers above
         return f"GPU: the `glip-t` measurement failed: `{type(exc).__name__}: {exc}`"
     name = torch.cuda.get_device_name(0)
     return "\n".join([
         f"GPU ({name}): `glip-t` (Swin-T, MiniLM text encoder offline), 800 px, batch {BATCH_SIZE}.",
         "",
-        "| run | images | seconds (teacher load) | images/s end to end | images/s after load | vs plain loop |",
-        "|---|---:|---:|---:|---:|---:|",
-        f"| plain loop | {plain['images']} | {plain['seconds']:.1f} | {plain['ips']:.2f} | {plain['ips']:.2f} | 1.00x |",
-        f"| pipeline, 1 GPU worker | {one['images']} | {one['seconds']:.1f} ({one['load']:.1f}) | {one['ips']:.2f} | "
-        f"{one['steady_ips']:.2f} | {one['steady_ips'] / plain['ips']:.2f}x |",
+        "| precision | run | images | seconds (teacher load) | images/s end to end | images/s after load | vs plain loop |",
+        "|---|---|---:|---:|---:|---:|---:|",
+        *rows,
     ])
 
 
 # ----------------------------------------------------------------------------------------- S3 vs local
 def _s3_section(shards, phrases_dir: Path, teacher_path: Path, root: Path, local: dict) -> str:
     """The 2-worker run again with crawl, phrases and output on SeaweedFS (teacher local)."""
+    import contextlib
+
+    from benchmarks.s3 import seaweedfs
     from storage import fs
     from storage.crawled import discover_crawled_shards
 
-    try:
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-        from tests.servers import start_s3_server
-        server = start_s3_server(bucket="bench")
-    except Exception as exc:  # noqa: BLE001 - report, keep the other numbers
-        return f"S3: SeaweedFS could not be started (`{type(exc).__name__}: {exc}`), not measured."
-    saved = {k: os.environ.get(k) for k in server.env()}
-    os.environ.update(server.env())
-    try:
+    with contextlib.ExitStack() as stack:
+        try:
+            server = stack.enter_context(seaweedfs())
+        except Exception as exc:  # noqa: BLE001 - report, keep the other numbers
+            return f"S3: SeaweedFS could not be started (`{type(exc).__name__}: {exc}`), not measured."
         crawl_dir = Path(shards[0].path).parent
         t0 = time.perf_counter()
         fs.upload_tree(crawl_dir, server.uri("crawl"))
@@ -247,13 +252,6 @@ def _s3_section(shards, phrases_dir: Path, teacher_path: Path, root: Path, local
         from pipelines.common import ensure_ray
         ensure_ray()
         r = _pipeline(remote, server.uri("phrases"), teacher_path, server.uri("out"), workers=2)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        server.stop()
     ratio = r["steady_ips"] / local["steady_ips"]
     return "\n".join([
         "### Local disk vs S3 (SeaweedFS on loopback)",
