@@ -8,12 +8,20 @@
   / sum(centerness targets), x ``reg_loss_weight`` (2).
 - ``loss_centerness``: BCE with logits against sqrt(min(l,r)/max(l,r) * min(t,b)/max(t,b)) of the anchor centre
   in its box; sum / max(#positive anchors, 1).
+
+Across DDP workers (``torch.distributed`` initialised, the loss backpropagated) the two normalisers are the
+global ones, as the official ``reduce_sum(num_pos) / num_gpus``: #positive anchors and sum(centerness targets)
+are summed over the process group (one all-reduce per call) and divided by its size, so that DDP's gradient
+average is the gradient of the global batch's loss and the mean of the workers' losses is that loss, whatever
+each worker's share of the positives. The clamps apply to the global sums (max(N, 1) / W where the official code
+has max(N / W, 1)), which keeps this exact also for a global batch with fewer positives than workers.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torchvision.ops import generalized_box_iou_loss
 
@@ -66,26 +74,52 @@ def match_image(anchors_per_level: list[torch.Tensor], boxes: torch.Tensor, posi
     return MatchedTargets(matched, token_targets, matched_boxes)
 
 
+def workers_sharing_the_batch(logits: torch.Tensor) -> int:
+    """How many processes the loss normalisers are summed over: the default process group's size when
+    ``torch.distributed`` is initialised and the loss will be backpropagated (``logits.requires_grad``), else 1.
+    A loss that is only measured (under ``torch.no_grad``, e.g. held-out evaluation on one rank) stays local and
+    calls no collective."""
+    if not (logits.requires_grad and dist.is_available() and dist.is_initialized()):
+        return 1
+    return dist.get_world_size()
+
+
 def grounding_losses(token_logits: torch.Tensor, box_regression: torch.Tensor, centerness: torch.Tensor,
                      anchors: torch.Tensor, text_mask: torch.Tensor, matches: list[MatchedTargets],
                      coder: BoxCoder, alpha: float = 0.25, gamma: float = 2.0,
                      reg_loss_weight: float = 2.0) -> dict[str, torch.Tensor]:
     """All levels concatenated: token_logits [B, A, T], box_regression [B, A, 4], centerness [B, A],
-    anchors [A, 4], text_mask [B, T]. Returns ``loss`` (sum) and the three terms."""
+    anchors [A, 4], text_mask [B, T]. Returns ``loss`` (sum) and the three terms.
+
+    With more than one worker (``workers_sharing_the_batch``) this is a collective: every rank of the default
+    process group must call it once per step, with or without positives of its own."""
     token_targets = torch.stack([m.token_targets for m in matches]).to(token_logits.dtype)
     pos = torch.stack([m.matched >= 0 for m in matches])                          # [B, A]
-    num_pos = max(float(pos.sum()), 1.0)
-    loss_cls = token_sigmoid_focal_loss(token_logits, token_targets, text_mask, alpha, gamma) / num_pos
-
+    local_pos = pos.sum()
     if pos.any():
         img_idx, anchor_idx = pos.nonzero(as_tuple=True)
         pos_anchors = anchors[anchor_idx]
         gt_boxes = torch.stack([m.boxes for m in matches])[img_idx, anchor_idx]
+        ctr_targets = centerness_targets(pos_anchors, gt_boxes)
+        local_ctr = ctr_targets.sum()
+    else:
+        local_ctr = anchors.new_zeros(())
+    world = workers_sharing_the_batch(token_logits)
+    if world > 1:   # the global normalisers, per worker: DDP's mean of the gradients is the global batch's
+        totals = torch.stack([local_pos.to(torch.float32), local_ctr.detach().to(torch.float32)])
+        dist.all_reduce(totals)
+        num_pos = max(float(totals[0]), 1.0) / world
+        ctr_norm = totals[1].clamp(min=1e-6) / world
+    else:
+        num_pos = max(float(local_pos), 1.0)
+        ctr_norm = local_ctr.clamp(min=1e-6)
+    loss_cls = token_sigmoid_focal_loss(token_logits, token_targets, text_mask, alpha, gamma) / num_pos
+
+    if pos.any():
         pred_boxes = coder.decode(box_regression[img_idx, anchor_idx], pos_anchors)
         pred_boxes = torch.cat([pred_boxes[:, :2], torch.maximum(pred_boxes[:, :2], pred_boxes[:, 2:])], dim=1)
-        ctr_targets = centerness_targets(pos_anchors, gt_boxes)
         giou = generalized_box_iou_loss(pred_boxes, gt_boxes, reduction="none")
-        loss_box = (giou * ctr_targets).sum() / ctr_targets.sum().clamp(min=1e-6) * reg_loss_weight
+        loss_box = (giou * ctr_targets).sum() / ctr_norm * reg_loss_weight
         loss_ctr = F.binary_cross_entropy_with_logits(centerness[img_idx, anchor_idx], ctr_targets,
                                                       reduction="sum") / num_pos
     else:  # keep the graph connected so DDP and the optimizer see every parameter
