@@ -60,6 +60,11 @@ def main(
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint in OUT.")] = False,
     overwrite: Annotated[bool, typer.Option(
         "--overwrite", help="Delete a previous run's checkpoints and metrics in OUT and start over.")] = False,
+    max_failures: Annotated[int, typer.Option(
+        min=0, help="Restart the worker group this many times when a worker fails (a lost process or node); "
+                    "each restart resumes from the newest checkpoint in OUT by itself and the run still ends at "
+                    "--steps (steps since that checkpoint are trained again). 0: the first failure stops the run "
+                    "(then --resume). Bad input and divergence are never retried.")] = 3,
     address: Annotated[Optional[str], typer.Option(help="Ray cluster to join (default: RAY_ADDRESS or local).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of sampling, augmentation and initialisation.")] = 0,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every skip reason.")] = False,
@@ -81,7 +86,7 @@ def main(
         pseudo_unboxed=pseudo_unboxed,
         checkpoint_every=checkpoint_every, keep=keep, log_every=log_every,
         eval=[AnnotatedImages.parse(v, "--eval") for v in eval or []], eval_every=eval_every,
-        resume=resume, overwrite=overwrite, address=address, seed=seed)
+        resume=resume, overwrite=overwrite, max_failures=max_failures, address=address, seed=seed)
     try:
         result = train(options)
     except TrainingFailed as exc:   # diverged, or a worker died: not the input's fault, exit 1

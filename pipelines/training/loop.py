@@ -7,14 +7,31 @@ Ray Train's context and calls ``run_worker``, which also runs alone in-process (
 Every step: draw ``batch_size`` examples from this worker's ``MixedFeed``, forward with
 losses, all-reduce the loss terms (so every rank sees the same numbers and stops together
 when one is NaN/inf), backward (DDP averages the gradients), clip, AdamW step, LR step.
+The losses' normalisers (positive anchors, centerness targets) are the global batch's
+(``glip.losses``: summed over the workers, divided by their number), so the reported mean
+of the workers' terms is the global batch's loss and DDP's averaged gradient is its
+gradient, whatever the worker count and each worker's share of the boxes.
 Rank 0 logs ``metrics.jsonl``, evaluates, and writes checkpoints holding every rank's
 data position and RNG states.
+
+A worker group that Ray Train restarts after a failure (``FailureConfig(max_failures)``)
+finds the newest committed checkpoint of ``out`` itself (``find_checkpoint`` in the config)
+and continues from it: metrics rows after that step are cut and written again, and the run
+ends at ``options.steps`` as an undisturbed one. An error that a restart cannot cure
+(``InputError``, ``TrainingDiverged``) is recorded in ``stop_file`` first; a restarted group
+that finds it returns it at once (``run_restartable_worker``) instead of training into it again.
+
+Test hook (nothing sets it outside tests): ``GLIPCTL_TEST_EXIT_AT_STEP=STEP:MARKER`` makes the
+first worker process to finish step STEP exit on the spot (``os._exit``, after that step's
+metrics row, before its checkpoint), as a lost machine would; creating the local file MARKER
+is the claim, so it happens once per marker.
 """
 from __future__ import annotations
 
 import json
 import logging
 import math
+import os
 import random
 import time
 from dataclasses import dataclass
@@ -26,6 +43,7 @@ import torch.distributed as dist
 
 from storage import fs
 from storage.atomic import atomic_write
+from storage.errors import InputError
 from storage.skips import StageCounts
 
 from pipelines.training.augment import TrainAugment
@@ -37,6 +55,7 @@ from pipelines.training.schedule import build_optimizer, lr_factor, text_paramet
 log = logging.getLogger("glipctl.train")
 
 METRICS = "metrics.jsonl"
+FAULT_ENV = "GLIPCTL_TEST_EXIT_AT_STEP"
 
 
 class TrainingFailed(RuntimeError):
@@ -54,6 +73,20 @@ class TrainingDiverged(TrainingFailed):
 
     def __reduce__(self):
         return (type(self), (self.step, self.what, self.value, self.checkpoint))
+
+
+def stop_record(exc: InputError | TrainingDiverged) -> dict[str, Any]:
+    """A JSON-ready record of an error that retrying cannot cure (``error_from_stop_record`` rebuilds it)."""
+    if isinstance(exc, TrainingDiverged):
+        return {"error": "TrainingDiverged", "step": exc.step, "what": exc.what, "value": exc.value,
+                "checkpoint": exc.checkpoint}
+    return {"error": "InputError", "message": str(exc)}
+
+
+def error_from_stop_record(record: dict[str, Any]) -> InputError | TrainingDiverged:
+    if record.get("error") == "TrainingDiverged":
+        return TrainingDiverged(record["step"], record["what"], record["value"], record["checkpoint"])
+    return InputError(record.get("message", "training stopped"))
 
 
 @dataclass
@@ -76,7 +109,22 @@ def ray_train_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     ctx = ray.train.get_context()
     use_gpu = config["options"].gpus_per_worker > 0 and torch.cuda.is_available()
     device = ray.train.torch.get_device() if use_gpu else torch.device("cpu")
-    return run_worker(config, WorkerContext(ctx.get_world_rank(), ctx.get_world_size(), device))
+    return run_restartable_worker(config, WorkerContext(ctx.get_world_rank(), ctx.get_world_size(), device))
+
+
+def run_restartable_worker(config: dict[str, Any], ctx: WorkerContext = WorkerContext()) -> dict[str, Any] | None:
+    """``run_worker`` in a worker group that Ray Train restarts on any error: an error no restart cures
+    (``InputError``, ``TrainingDiverged``) is written to ``config["stop_file"]`` before it is raised, and a
+    group that finds that file returns ``{"stopped": record}`` at once (``error_from_stop_record``)."""
+    stop_file = config.get("stop_file")
+    if stop_file and fs.is_file(stop_file):
+        return {"stopped": fs.read_json(stop_file)}
+    try:
+        return run_worker(config, ctx)
+    except (InputError, TrainingDiverged) as exc:
+        if stop_file:    # before raising: Ray Train restarts the group as soon as it sees the error
+            fs.write_json(stop_file, stop_record(exc))
+        raise
 
 
 # ----------------------------------------------------------------------------- model
@@ -105,6 +153,32 @@ def build_model(options: TrainOptions, checkpoint: str | None = None):
 
 
 # ----------------------------------------------------------------------------- helpers
+
+def _newest_checkpoint(out: str, rank: int, world: int, device: torch.device) -> str | None:
+    """The newest committed checkpoint of ``out`` (``latest_checkpoint``: the pointer on object
+    stores, the whole ``step-N`` folders locally) as rank 0 finds it, on every rank."""
+    found = latest_checkpoint(out) if rank == 0 else None
+    choice = [str(found) if found is not None else None]
+    if world > 1:
+        dist.broadcast_object_list(choice, src=0, device=device if device.type == "cuda" else None)
+    return choice[0]
+
+
+def _injected_fault(step: int) -> None:
+    """The test hook of the module docstring (``FAULT_ENV``)."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    at, _, marker = spec.partition(":")
+    if step != int(at):
+        return
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return
+    log.warning("%s: worker process exits at step %d", FAULT_ENV, step)
+    os._exit(1)
+
 
 def _gather(obj: Any, world: int) -> list[Any]:
     if world == 1:
@@ -192,7 +266,10 @@ def run_worker(config: dict[str, Any], ctx: WorkerContext = WorkerContext()) -> 
     """Train until ``options.steps``; rank 0 returns a summary dict, other ranks None.
 
     ``config``: ``options`` (TrainOptions), ``sources`` (TrainingSources), ``out`` (absolute
-    output folder or URI), ``resume_from`` (checkpoint folder or None), ``heldout`` (HeldOutSets).
+    output folder or URI), ``resume_from`` (checkpoint folder or None), ``heldout`` (HeldOutSets);
+    optional ``find_checkpoint`` (True: resume from the newest checkpoint of ``out``, if any,
+    instead of ``resume_from``: what a restarted worker group needs) and ``stop_file``
+    (``run_restartable_worker``).
     """
     options: TrainOptions = config["options"]
     rank, world, device = ctx.rank, ctx.world, ctx.device
@@ -211,6 +288,10 @@ def _train_worker(config: dict[str, Any], ctx: WorkerContext, out: str,
     rank, world, device = ctx.rank, ctx.world, ctx.device
     torch.set_num_threads(max(1, int(options.cpus_per_worker)))
     resume_from = config.get("resume_from")
+    if config.get("find_checkpoint"):
+        resume_from = _newest_checkpoint(out, rank, world, device)
+        if resume_from and rank == 0:
+            log.info("resuming from %s", resume_from)
     state = load_train_state(resume_from) if resume_from else None
     torch.manual_seed(options.seed + 1000 * rank)
     random.seed(options.seed + 1000 * rank)
@@ -316,6 +397,7 @@ def _train_worker(config: dict[str, Any], ctx: WorkerContext, out: str,
             metrics.write(row)
             rows.append(row)
             window_start, window_samples = time.perf_counter(), 0
+        _injected_fault(done)
 
         if (options.checkpoint_every and done % options.checkpoint_every == 0) or done == options.steps:
             rank_states = _gather({"feed": feed.state_dict(), "rng": _rng_state(device)}, world)

@@ -109,6 +109,7 @@ class TrainOptions:
     eval_samples: int = 64
     resume: bool = False
     overwrite: bool = False            # delete a previous run's checkpoints and metrics in ``out`` first
+    max_failures: int = 3              # worker-group restarts (from the newest checkpoint) before the run fails
     address: str | None = None
     seed: int = 0
     augment: bool = True
@@ -121,8 +122,8 @@ class TrainOptions:
                             ("--workers", self.workers), ("--keep", self.keep), ("--log-every", self.log_every)]:
             if value < 1:
                 raise InputError(f"{name} must be >= 1 (got {value})")
-        if self.warmup < 0 or self.checkpoint_every < 0 or self.eval_every < 0:
-            raise InputError("--warmup, --checkpoint-every and --eval-every must be >= 0")
+        if self.warmup < 0 or self.checkpoint_every < 0 or self.eval_every < 0 or self.max_failures < 0:
+            raise InputError("--warmup, --checkpoint-every, --eval-every and --max-failures must be >= 0")
         if self.pseudo_unboxed not in ("ignore", "negative"):
             raise InputError(f"--pseudo-unboxed {self.pseudo_unboxed!r}: expected ignore or negative")
         if self.schedule not in ("cosine", "step"):

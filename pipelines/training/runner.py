@@ -6,6 +6,14 @@ workers, DDP over gloo (CPU) or NCCL (GPU). Rank 0 writes checkpoints and ``metr
 straight into ``--out`` (see ``checkpointing`` for why not Ray Train's own checkpoints);
 the driver follows ``metrics.jsonl`` for the progress bar and writes ``_manifest.json``.
 
+Self-healing: a worker group that fails (a worker process or its node lost) is restarted by
+Ray Train up to ``--max-failures`` times (``FailureConfig``; preempted nodes are Ray's own
+budget), and its workers resume from the newest checkpoint of ``--out`` themselves
+(``loop``), so the run ends at ``--steps`` without anyone re-running ``--resume``. The
+driver only decides, before the fit, that the checkpoints there are this run's: none (a
+fresh or ``--overwrite`` run) or the ones ``--resume`` continues. Bad input found by a
+worker and divergence are not retried (``loop``: the stop file).
+
 Every path may be a local path or a URI (``storage.fs``); local ones are made absolute
 before they enter the train config. On a cluster, local paths must be on storage every
 node sees; an ``s3://`` / ``gs://`` ``--out`` needs nothing shared: rank 0 uploads and
@@ -18,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import threading
 import time
 from pathlib import Path
@@ -136,15 +145,16 @@ class _Progress:
                    TextColumn("{task.fields[info]}"))
         with Progress(*columns, console=console, transient=False) as bar:
             task = bar.add_task("train", total=self.steps, completed=self.start_step, info="starting workers")
-            seen = 0
+            shown = None
             while True:
                 stopping = self._stop.wait(self.interval)
                 try:
                     rows = [r for r in read_metrics(self.path) if r.get("step", 0) > self.start_step]
                 except OSError:       # an object store's hiccup costs one update, not the bar
                     rows = []
-                if len(rows) > seen:
-                    seen, row = len(rows), rows[-1]
+                # the newest row, not the row count: a restarted worker group cuts the rows after its checkpoint
+                if rows and rows[-1] != shown:
+                    shown = row = rows[-1]
                     losses = " ".join(f"{k.removeprefix('loss_') if k != 'loss' else 'loss'}={row[k]:.3f}"
                                       for k in row if k.startswith("loss"))
                     speed = f"{row['samples_per_s']:.1f} samples/s" if row.get("samples_per_s") else ""
@@ -193,15 +203,17 @@ def train(options: TrainOptions, progress: bool = True) -> TrainResult:
     """Train as ``glipctl train-student`` does; returns where the model is and what happened.
 
     Raises InputError for bad input (before Ray starts when it can be seen on the driver),
-    ``TrainingDiverged`` when the loss becomes NaN/inf and ``TrainingFailed`` when a worker
-    dies (checkpoints written before either stay; ``--resume`` continues from them).
+    ``TrainingDiverged`` when the loss becomes NaN/inf and ``TrainingFailed`` when workers
+    died more than ``options.max_failures`` times (checkpoints written before either stay;
+    ``--resume`` continues from them).
     """
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from pipelines.common import ensure_ray
     from pipelines.training.heldout import HeldOutSet
-    from pipelines.training.loop import METRICS, TrainingDiverged, TrainingFailed, ray_train_worker, read_metrics
+    from pipelines.training.loop import (FAULT_ENV, METRICS, TrainingDiverged, TrainingFailed, error_from_stop_record,
+                                         ray_train_worker, read_metrics)
 
     options.validate()
     options = normalized_options(options)
@@ -230,8 +242,14 @@ def train(options: TrainOptions, progress: bool = True) -> TrainResult:
     resources = {"CPU": options.cpus_per_worker}
     if use_gpu:
         resources["GPU"] = options.gpus_per_worker
-    config = {"options": options, "sources": sources, "out": out,
-              "resume_from": str(resume_from) if resume_from else None, "heldout": heldout}
+    run_name = f"train-student-{int(time.time() * 1000)}"
+    # every worker group, the first and any Ray Train restarts, starts from the newest checkpoint of
+    # OUT: the driver made sure above that those are this run's (none, or the ones --resume continues)
+    config = {"options": options, "sources": sources, "out": out, "resume_from": None, "find_checkpoint": True,
+              "stop_file": fs.join(out, "_ray", f"{run_name}.stopped.json"), "heldout": heldout}
+    env = fs.worker_environment()
+    if os.environ.get(FAULT_ENV):        # the loop's test hook (tests only)
+        env[FAULT_ENV] = os.environ[FAULT_ENV]
     if fs.is_remote(out):   # Ray Train's run state through the same filesystem (its endpoint, its keys)
         ray_fs, ray_path = fs.resolve(fs.join(out, "_ray"))
         storage = {"storage_path": ray_path, "storage_filesystem": ray_fs}
@@ -241,11 +259,11 @@ def train(options: TrainOptions, progress: bool = True) -> TrainResult:
         ray_train_worker, train_loop_config=config,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=options.workers, use_gpu=use_gpu, resources_per_worker=resources),
-        run_config=RunConfig(name=f"train-student-{int(time.time() * 1000)}", **storage,
-                             failure_config=FailureConfig(max_failures=0),
+        run_config=RunConfig(name=run_name, **storage,
+                             failure_config=FailureConfig(max_failures=options.max_failures),
                              # the workers resolve URIs as the driver does, even in a Ray started
                              # before this process had its storage environment
-                             worker_runtime_env={"env_vars": fs.worker_environment()}),
+                             worker_runtime_env={"env_vars": env}),
     )
     try:
         with _Progress(fs.join(out, METRICS), start_step, options.steps, progress):
@@ -259,10 +277,17 @@ def train(options: TrainOptions, progress: bool = True) -> TrainResult:
             raise inner from None
         newest = latest_checkpoint(out)
         first = next(iter((getattr(exc, "worker_failures", None) or {}).values()), exc)
-        raise TrainingFailed(f"training failed: {type(first).__name__}: {str(first).strip()[:500]}; "
+        retried = f" (restarts allowed by --max-failures: {options.max_failures})" if options.max_failures else ""
+        raise TrainingFailed(f"training failed{retried}: {type(first).__name__}: {str(first).strip()[:500]}; "
                              + (f"the newest checkpoint is {newest}: rerun with --resume to continue"
                                 if newest else "no checkpoint was written")) from exc
     summary = result.return_value or {}
+    if "stopped" in summary:   # a restarted group found the error its predecessor recorded
+        error = error_from_stop_record(summary["stopped"])
+        reached = max([start_step] + [s for s, _ in list_checkpoints(out)])
+        _write_manifest(out, options, resume_from, "failed", _driver_counts(sources.counts, {}), reached,
+                        error=str(error)[:2000])
+        raise error
     counts = _driver_counts(sources.counts, summary.get("counts", {}))
     _write_manifest(out, options, resume_from, "done", counts, options.steps)
     rows = [r for r in read_metrics(fs.join(out, METRICS)) if r.get("step", 0) > start_step]

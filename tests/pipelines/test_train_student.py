@@ -1,7 +1,8 @@
 """`glipctl train-student` end to end on real Ray Train (gloo, CPU), tiny preset, tiny images.
 
-Three TorchTrainer fits in all (each costs ~10-20 s of Ray Train start-up): a 1-worker
-gold + pseudo + detection run, its resume, and a 2-worker gold-only run with evaluation.
+Four TorchTrainer fits in all (each costs ~10-20 s of Ray Train start-up): a 1-worker
+gold + pseudo + detection run, its resume, a 2-worker gold-only run with evaluation, and a
+1-worker run whose worker process dies once (Ray Train restarts it from the newest checkpoint).
 Bad input is refused on the driver before Ray Train starts.
 """
 from __future__ import annotations
@@ -115,6 +116,47 @@ def test_two_workers_gold_only_with_evaluation(ray_session, world, tmp_path):
     assert last["step"] == 2 and "eval_loss" in last and 0.0 <= last["eval_AP"] <= 1.0
     assert [s for s, _ in list_checkpoints(result.out)] == [2]
     assert GLIP.from_pretrained(result.out).config.min_size == 48
+
+
+def test_a_lost_worker_is_restarted_from_the_newest_checkpoint_and_ends_at_the_requested_step(
+        ray_session, world, tmp_path, monkeypatch):
+    from pipelines.training import AnnotatedImages, TrainOptions, train
+    from pipelines.training.loop import FAULT_ENV, run_worker
+    from pipelines.training.sources import load_sources
+
+    def options(out: str) -> TrainOptions:
+        return TrainOptions(out=str(tmp_path / out), gold=[AnnotatedImages(str(world.gold_json), str(world.gold_images))],
+                            model_overrides={"min_size": 48, "max_size": 64}, steps=4, batch_size=1, warmup=1,
+                            checkpoint_every=1, keep=4, log_every=1, max_failures=1)
+
+    # the worker process exits (os._exit) after step 3's metrics row, before its checkpoint, once
+    killed = tmp_path / "killed"
+    monkeypatch.setenv(FAULT_ENV, f"3:{killed}")
+    result = train(options("healed"), progress=False)
+    assert killed.exists()                                       # the fault happened
+    out = tmp_path / "healed"
+    rows = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]            # step 3 trained again from checkpoint 2, logged once
+    assert result.step == 4 and [r["step"] for r in result.metrics] == [1, 2, 3, 4]
+    assert load_train_state(out)["step"] == 4
+    # resumed from checkpoint 2, not from scratch: checkpoints 1 and 2 predate the fault, 3 and 4 follow it
+    written = {s: (path / "train_state.pt").stat().st_mtime_ns for s, path in list_checkpoints(out)}
+    assert sorted(written) == [1, 2, 3, 4]
+    assert written[1] < written[2] < killed.stat().st_mtime_ns < written[3] < written[4]
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert manifest["options"]["reached_step"] == 4 and manifest["options"]["max_failures"] == 1
+    assert manifest["shards"]["gold"]["counts"]["written"] == 4     # the data position came back with the counts
+
+    # the same run undisturbed (in-process, world size 1 as above): the restart restored weights, optimizer,
+    # schedule, data position and RNG, so steps 3 and 4 are the same steps
+    monkeypatch.delenv(FAULT_ENV)
+    straight = options("straight")
+    (tmp_path / "straight").mkdir()
+    undisturbed = run_worker({"options": straight, "sources": load_sources(straight.gold, [], []),
+                              "out": straight.out, "resume_from": None, "heldout": []})
+    for healed, plain in zip(rows, undisturbed["rows"], strict=True):
+        for term in (*LOSS_TERMS, "lr"):
+            assert healed[term] == pytest.approx(plain[term], rel=1e-4, abs=1e-6), (healed["step"], term)
 
 
 def test_bad_input_is_exit_2_before_training(cli, world, tmp_path):

@@ -1,13 +1,17 @@
 """The per-worker loop run in-process (world size 1, no Ray): a resumed run continues the
-loss curve exactly; divergence stops the run and keeps the last good checkpoint."""
+loss curve exactly; divergence stops the run, keeps the last good checkpoint and is recorded
+so that a restarted worker group does not diverge again."""
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from pipelines.training.checkpointing import checkpoint_dir, list_checkpoints, load_train_state
-from pipelines.training.loop import TrainingDiverged, read_metrics, run_worker
+from pipelines.training.loop import (TrainingDiverged, error_from_stop_record, read_metrics, run_restartable_worker,
+                                     run_worker)
 from pipelines.training.options import AnnotatedImages, TrainOptions
 from pipelines.training.sources import load_sources
 from training_helpers import make_world, write_pseudo_shards
@@ -54,10 +58,19 @@ def test_resume_continues_the_loss_curve_and_nan_keeps_the_last_good_checkpoint(
     weights = load_file(str(good / "model.safetensors"))
     weights["head.centerness.bias"] = torch.full_like(weights["head.centerness.bias"], float("nan"))
     save_file(weights, str(good / "model.safetensors"))
+    # as a Ray Train worker group runs it: the error no restart cures is recorded, and a restarted group hands
+    # it back at once instead of training into it again
+    stop_file = tmp_path / "resumed" / "_ray" / "run.stopped.json"
+    config = {"options": options("resumed", 4), "sources": sources, "out": str(tmp_path / "resumed"),
+              "resume_from": str(good), "heldout": [], "stop_file": str(stop_file)}
     with pytest.raises(TrainingDiverged) as info:
-        _run(options("resumed", 4), sources, good)
+        run_restartable_worker(config)
     message = str(info.value)
     assert "loss" in message and "step 3" in message and str(good) in message
+    again = run_restartable_worker(config)
+    assert again == {"stopped": json.loads(stop_file.read_text())}
+    recorded = error_from_stop_record(again["stopped"])
+    assert isinstance(recorded, TrainingDiverged) and str(recorded) == message
     assert [s for s, _ in list_checkpoints(tmp_path / "resumed")] == [1, 2]       # nothing after the NaN
     assert [r["step"] for r in read_metrics(tmp_path / "resumed" / "metrics.jsonl")] == [1, 2]
 
