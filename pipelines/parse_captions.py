@@ -67,6 +67,8 @@ SPARE_CPUS_PER_NODE = 0.1
 # Options that change what is written; a resumed run must use the same ones.
 OUTPUT_OPTIONS = ("spacy_model", "caption_field", "expressions", "max_caption_chars")
 MANIFEST_SAVE_INTERVAL_S = 2.0
+# Passes over the shards whose results were lost (their worker's node died): time, never labels.
+LOST_SHARD_RETRIES = 1
 NLP_PIPE_BATCH = 256        # spaCy's own minibatch inside one --batch-size chunk
 
 # What an actor returns per shard: the manifest entry (JSON) and how many captions it parsed.
@@ -468,15 +470,27 @@ def run_parse_captions(shards: list[CrawledShard], out_dir: str, options: ParseO
     nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
     workers = options.workers or max(1, int(cluster_cpus))
     recorder = ResultRecorder(manifest, out_dir, [s.name for s in pending], result, on_progress)
-    ds = build_dataset(pending, out_dir, options, workers, _actor_cpus(workers, cluster_cpus, nodes),
-                       parser_cls or ShardParser)
     error = "lost: its result never arrived (the worker failed repeatedly; see Ray logs)"
+    todo = pending
     try:
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            recorder.add_batch(batch)
-    except Exception as exc:   # the pipeline itself broke: record what was left, keep the rest
-        log.error("parse-captions pipeline stopped: %s", exc)
-        error = f"pipeline error: {type(exc).__name__}: {exc}"[:2000]
+        for attempt in range(1 + LOST_SHARD_RETRIES):
+            # A task whose actor vanished with its node is an errored block to Ray Data, not a
+            # retry: its shards come back in another pass (a committed one is only read back).
+            if attempt:
+                log.warning("%d shards lost their results (a worker or node was lost); running them "
+                            "again", len(todo))
+            ds = build_dataset(todo, out_dir, options, workers, _actor_cpus(workers, cluster_cpus, nodes),
+                               parser_cls or ShardParser)
+            try:
+                for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                    recorder.add_batch(batch)
+            except Exception as exc:   # the pipeline itself broke: record what was left, keep the rest
+                log.error("parse-captions pipeline stopped: %s", exc)
+                error = f"pipeline error: {type(exc).__name__}: {exc}"[:2000]
+                break
+            todo = [s for s in todo if s.name in recorder.waiting]
+            if not todo:
+                break
     finally:
         recorder.close(error)
     result.seconds = time.perf_counter() - started

@@ -37,9 +37,12 @@ counted as ``without_boxes`` (a negative example for the student).
 Failures: a shard whose read raises comes back as a row with the error; it is recorded failed
 (no commit) and the others go on. An actor that dies (a preempted node, a CUDA error: the
 worker exits on purpose so that Ray restarts it instead of skipping every later image) is
-restarted by Ray and its shard retried (``max_restarts=-1``, ``max_task_retries=3``); a shard
-that kills its actor every time is recorded failed ("lost"). A re-run redoes exactly the
-shards without a commit record; their objects are rewritten under the same names.
+restarted by Ray and its shard retried (``max_restarts=-1``, ``max_task_retries=3``). A task
+whose actor vanished with its node comes back to Ray Data as an error, not a retry: the shards
+whose results never arrived run again in ``LOST_SHARD_RETRIES`` more pass(es) (a shard the
+lost worker had committed is only read back), and one that still fails is recorded failed
+("lost"). A re-run redoes exactly the shards without a commit record; their objects are
+rewritten under the same names.
 
 Reading the output with Ray Data: ``ray.data.read_webdataset(tars, decoder=None)`` gives the
 original bytes (pass the tars, not the folder: it also holds label tables and the manifest);
@@ -80,6 +83,8 @@ MANIFEST_SAVE_SHARE = 0.05
 # bookkeeping), so many small shards are grouped, while every actor still gets several blocks
 # to balance the tail. A block that is retried skips the shards it already committed.
 BLOCKS_PER_WORKER = 4
+# Passes over the shards whose results were lost (their worker's node died): time, never labels.
+LOST_SHARD_RETRIES = 1
 # A batch in which more than this share of images fail one by one is the device's fault, not
 # the images': the actor exits and Ray restarts it.
 DEVICE_FAILURE_SHARE = 0.5
@@ -668,15 +673,28 @@ def run_pseudo_label(shards: list[CrawledShard], out_dir: str, options: PseudoLa
         if on_progress is not None:
             on_progress(result.images, result.boxes, len(finished), len(pending))
 
-    ds = build_dataset(specs, worker_cls=worker_cls or TeacherWorker, worker_kwargs=worker_kwargs,
-                       workers=workers, gpus_per_worker=gpus, actor_cpus=_actor_cpus(workers, cluster.get("CPU", 1.0), gpus > 0))
     error = "results lost in the pipeline (the shard's task failed repeatedly; see Ray logs)"
+    todo = specs
     try:
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            for row in batch.to_pylist():
-                record(row)
-    except Exception as exc:   # the pipeline itself broke (e.g. the teacher cannot load)
-        error = f"pipeline error: {format_exception(exc)}"[:2000]
+        for attempt in range(1 + LOST_SHARD_RETRIES):
+            # A task whose actor vanished with its node is an errored block to Ray Data, not a
+            # retry: its shards come back in another pass (a committed one is only read back).
+            if attempt:
+                log.warning("%d shards lost their results (a worker or node was lost); running them again",
+                            len(todo))
+            ds = build_dataset(todo, worker_cls=worker_cls or TeacherWorker, worker_kwargs=worker_kwargs,
+                               workers=workers, gpus_per_worker=gpus,
+                               actor_cpus=_actor_cpus(workers, cluster.get("CPU", 1.0), gpus > 0))
+            try:
+                for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                    for row in batch.to_pylist():
+                        record(row)
+            except Exception as exc:   # the pipeline itself broke (e.g. the teacher cannot load)
+                error = f"pipeline error: {format_exception(exc)}"[:2000]
+                break
+            todo = [s for s in todo if s["shard"]["name"] not in finished]
+            if not todo:
+                break
     finally:
         manifest.save(out_dir)     # interrupted too: what finished stays recorded
     for shard in pending:
