@@ -279,11 +279,7 @@ def load_model(path: str | Path):
 
     from storage.checkpoints import local_model
 
-    try:
-        there = fs.exists(path)
-    except OSError as exc:
-        raise InputError(f"--model {path}: cannot be read ({exc})") from None
-    if not there:
+    if fs.kind_of(path) is None:
         raise InputError(f"--model {path}: no such checkpoint")
     loader = getattr(glip, "load_teacher", None)
     try:

@@ -99,14 +99,10 @@ def _teacher_kind(path: str) -> str:
     """"glipctl" or "official" for the checkpoint at ``path``; ``InputError`` naming what is wrong."""
     from storage import fs
 
-    try:
-        folder = fs.is_dir(path)
-        there = folder or fs.exists(path)
-    except OSError as exc:      # credentials, unknown bucket, unreachable endpoint
-        raise InputError(f"{path}: teacher checkpoint cannot be read ({exc})") from None
-    if not there:
+    kind = fs.kind_of(path)
+    if kind is None:
         raise InputError(f"{path}: teacher checkpoint not found")
-    if folder:
+    if kind == "dir":
         if not fs.is_file(fs.join(path, "config.json")):
             raise InputError(f"{path}: not a glipctl checkpoint (no config.json); "
                              f"pass a checkpoint directory or an official GLIP .pth")

@@ -556,11 +556,7 @@ def check_options(options: PseudoLabelOptions) -> None:
         raise InputError(f"--precision {options.precision!r}: expected one of {', '.join(PRECISIONS)}")
     check_teacher(options.teacher)        # not found, not a checkpoint, or a file torch cannot read
     teacher_resize(options.teacher, options.image_size)            # an unreadable config.json is exit 2
-    try:
-        there = fs.is_dir(options.phrases)
-    except OSError as exc:
-        raise InputError(f"{options.phrases}: cannot be read ({exc})") from None
-    if not there:
+    if fs.kind_of(options.phrases) != "dir":
         raise InputError(f"{options.phrases}: phrases folder not found (the --out of parse-captions)")
 
 

@@ -101,18 +101,15 @@ def resolve_sources(paths: list[str]) -> list[ViewSource]:
     out: list[ViewSource] = []
     for raw in paths:
         path, root = fs.normalize(raw), None
-        try:
-            there = fs.exists(path)
-            if not there and "=" in raw:
-                left, right = raw.rsplit("=", 1)
-                path, root = fs.normalize(left), fs.normalize(right)
-                there = fs.exists(path)
-        except OSError as exc:
-            raise InputError(f"{raw}: cannot be read ({exc})") from None
-        if not there:
+        kind = fs.kind_of(path)
+        if kind is None and "=" in raw:
+            left, right = raw.rsplit("=", 1)
+            path, root = fs.normalize(left), fs.normalize(right)
+            kind = fs.kind_of(path)
+        if kind is None:
             raise InputError(f"{path}: no such file or folder")
         suffix = fs.suffix_of(path)
-        if suffix == ".tar" or fs.is_dir(path):
+        if suffix == ".tar" or kind == "dir":
             out.extend(_shard_sources(path))
         elif suffix == ".json":
             out.append(ViewSource("json", path, root))   # MDETR or COCO: decided on reading

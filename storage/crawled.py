@@ -291,11 +291,7 @@ def discover_crawled_shards(inputs: list[str], caption_field: str = "caption", k
     found: list[tuple[str, str, str]] = []
     for raw in inputs:
         path = fs.normalize(raw)
-        try:
-            there = fs.exists(path)
-        except OSError as exc:      # bad credentials, unknown bucket, unreachable endpoint
-            raise InputError(f"{raw}: cannot be read ({exc})") from None
-        if not there:
+        if fs.kind_of(path) is None:
             raise InputError(f"{raw}: no such file or folder")
         files = _files_of(path)
         if not files:

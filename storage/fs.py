@@ -184,6 +184,22 @@ def exists(path: str | os.PathLike) -> bool:
     return _info(path).type != pafs.FileType.NotFound
 
 
+def kind_of(path: str | os.PathLike) -> str | None:
+    """``"file"``, ``"dir"`` or None (no such path) for a user's path.
+
+    Raises ``InputError`` naming the path when the storage cannot be asked at all (bad
+    credentials, unknown bucket, unreachable endpoint): the one check every command's path
+    arguments go through before any work starts.
+    """
+    from storage.errors import InputError
+
+    try:
+        kind = _info(path).type
+    except OSError as exc:
+        raise InputError(f"{path}: cannot be read ({exc})") from None
+    return {pafs.FileType.File: "file", pafs.FileType.Directory: "dir"}.get(kind)
+
+
 def is_file(path: str | os.PathLike) -> bool:
     return _info(path).type == pafs.FileType.File
 

@@ -124,11 +124,7 @@ def check_image_root(image_root: str | os.PathLike | None) -> ImageRoot | None:
     if image_root is None:
         return None
     root = ImageRoot(image_root)
-    try:
-        there = fs.is_dir(root.root)
-    except OSError as exc:
-        raise InputError(f"{image_root}: image folder cannot be read ({exc})") from None
-    if not there:
+    if fs.kind_of(root.root) != "dir":
         raise InputError(f"{image_root}: image folder not found")
     return root
 

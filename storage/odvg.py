@@ -105,11 +105,7 @@ def load_odvg(path: str | Path, image_root: str | Path | None, counts: StageCoun
     defaulting to the file stem. ``extra["image_path"]`` when ``image_root`` is given.
     """
     path = fs.normalize(path)
-    try:
-        there = fs.is_file(path)
-    except OSError as exc:
-        raise InputError(f"{path}: ODVG file cannot be read ({exc})") from None
-    if not there:
+    if fs.kind_of(path) != "file":
         raise InputError(f"{path}: ODVG file not found")
     root = check_image_root(image_root)
     name = name or Path(fs.name_of(path)).stem

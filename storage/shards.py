@@ -205,14 +205,10 @@ def list_shard_files(paths: list[str] | list[os.PathLike]) -> list[str]:
     out: list[str] = []
     for raw in paths:
         p = fs.normalize(raw)
-        try:
-            kind_dir = fs.is_dir(p)
-            there = kind_dir or fs.exists(p)
-        except OSError as exc:
-            raise InputError(f"{raw}: cannot be read ({exc})") from None
-        if not there:
+        kind = fs.kind_of(p)
+        if kind is None:
             raise InputError(f"{raw}: no such file or folder")
-        if kind_dir:
+        if kind == "dir":
             try:
                 committed = committed_outputs(p)
             except ValueError as exc:

@@ -32,11 +32,7 @@ def main(
 
     if preset not in ("auto", "glip-t", "glip-l"):
         raise InputError(f"--preset must be auto, glip-t or glip-l, not {preset!r}")
-    try:
-        there = fs.is_file(checkpoint)
-    except OSError as exc:
-        raise InputError(f"{checkpoint}: cannot be read ({exc})") from None
-    if not there:
+    if fs.kind_of(checkpoint) != "file":
         raise InputError(f"{checkpoint}: no such checkpoint file")
 
     from glip.convert import load_official

@@ -101,11 +101,7 @@ def main(
     images = [fs.normalize(p) for p in images]
     out = fs.normalize(out)
     for p in images:
-        try:
-            there = fs.is_file(p)
-        except OSError as exc:
-            raise InputError(f"{p}: cannot be read ({exc})") from None
-        if not there:
+        if fs.kind_of(p) != "file":
             raise InputError(f"{p}: no such image")
     spans = phrase_spans(prompt, phrases, spacy_model)
     net = load_model(model)
