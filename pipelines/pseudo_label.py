@@ -290,7 +290,7 @@ class ShardLabeler:
                 waiting += 1
                 if len(bucket) >= self.batch_size:
                     run(self.bucket_of(item["pixels"]))
-                while waiting + order.held > self.max_buffered:   # the oldest result holds the rest up
+                while buckets and waiting + order.held > self.max_buffered:   # the oldest result holds the rest up
                     run(min(buckets, key=lambda b: buckets[b][0][0]))
 
             def run(bucket_key: tuple) -> None:
