@@ -92,29 +92,26 @@ def _alive(p: psutil.Process) -> bool:
         return False
 
 
-def stop_processes(procs: list[psutil.Process], grace: float = 2.0) -> None:
-    """SIGTERM, wait up to `grace` seconds, then SIGKILL what is left; by process object (pid)."""
-    procs = [p for p in procs if _alive(p)]
+def _signal_and_wait(procs: list[psutil.Process], send: str, wait: float, poll: float) -> None:
+    """Call ``send`` ("terminate" or "kill") on each process, then wait up to ``wait`` s for them to go."""
     for p in procs:
         try:
-            p.terminate()
-        except psutil.Error:
-            pass
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and any(_alive(p) for p in procs):
-        time.sleep(0.05)
-    kill_processes([p for p in procs if _alive(p)])
-
-
-def kill_processes(procs: list[psutil.Process], wait: float = 5.0) -> None:
-    for p in procs:
-        try:
-            p.kill()
+            getattr(p, send)()
         except psutil.Error:
             pass
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline and any(_alive(p) for p in procs):
-        time.sleep(0.02)
+        time.sleep(poll)
+
+
+def stop_processes(procs: list[psutil.Process], grace: float = 2.0) -> None:
+    """SIGTERM, wait up to `grace` seconds, then SIGKILL what is left; by process object (pid)."""
+    _signal_and_wait([p for p in procs if _alive(p)], "terminate", grace, 0.05)
+    kill_processes([p for p in procs if _alive(p)])
+
+
+def kill_processes(procs: list[psutil.Process], wait: float = 5.0) -> None:
+    _signal_and_wait(procs, "kill", wait, 0.02)
 
 
 def process_group(pgid: int) -> list[psutil.Process]:
