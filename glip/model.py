@@ -110,15 +110,18 @@ class GLIP(nn.Module):
                         raise RuntimeError(f"buffer {name} of {type(module).__name__} missing from checkpoint")
                     module._buffers[name] = value.to(buf.dtype)
 
-    def save_pretrained(self, path: str | os.PathLike) -> None:
-        """Write ``config.json``, ``model.safetensors`` and ``tokenizer/`` (each atomically) into ``path``."""
+    def save_pretrained(self, path: str | os.PathLike, state_dict: dict | None = None) -> None:
+        """Write ``config.json``, ``model.safetensors`` and ``tokenizer/`` (each atomically) into ``path``.
+
+        ``state_dict``: weights to write instead of the live ones (a snapshot taken earlier,
+        so a background thread can write while training goes on)."""
         from safetensors.torch import save_file
 
         from storage.atomic import atomic_path
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        state = {k: v.detach().contiguous().cpu() for k, v in (state_dict or self.state_dict()).items()}
         with atomic_path(path / WEIGHTS_NAME) as tmp:
             save_file(state, str(tmp), metadata={"format": "pt", "glip_preset": self.config.name})
         tmp_tok = Path(tempfile.mkdtemp(prefix=".tokenizer.", dir=path))

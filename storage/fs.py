@@ -184,6 +184,12 @@ def exists(path: str | os.PathLike) -> bool:
     return _info(path).type != pafs.FileType.NotFound
 
 
+def size_of(path: str | os.PathLike) -> int | None:
+    """The size in bytes of the file at ``path``; None when there is no such file."""
+    info = _info(path)
+    return int(info.size) if info.type == pafs.FileType.File else None
+
+
 def kind_of(path: str | os.PathLike) -> str | None:
     """``"file"``, ``"dir"`` or None (no such path) for a user's path.
 

@@ -12,13 +12,16 @@ def main(
                                      "_manifest.json; on object stores latest.json commits each checkpoint.",
                                      show_default=False)],
     gold: Annotated[Optional[list[str]], typer.Option(
-        "--gold", help="MDETR/GoldG grounding data as ANN.json=IMAGE_DIR, local paths or URIs (repeatable).")] = None,
+        "--gold", help="Gold grounding data: a folder (or .tar) packed by `glipctl pack`, or MDETR/GoldG "
+                       "ANN.json=IMAGE_DIR, which the run packs into OUT/_packed first; local paths or URIs "
+                       "(repeatable).")] = None,
     pseudo: Annotated[Optional[list[str]], typer.Option(
         "--pseudo", help="Pseudo-label shard folder or .tar from `glipctl pseudo-label`, local or a URI; a folder "
                      "gives the shards its manifest commits (repeatable).")] = None,
     detection: Annotated[Optional[list[str]], typer.Option(
-        "--detection", help="COCO detection data as ANN.json=IMAGE_DIR, trained as prompts of category names "
-                            "with random negative categories (repeatable).")] = None,
+        "--detection", help="Detection data: a folder packed by `glipctl pack`, or COCO ANN.json=IMAGE_DIR "
+                            "(packed into OUT/_packed first); trained as prompts of category names with random "
+                            "negative categories drawn at every visit (repeatable).")] = None,
     mix: Annotated[Optional[str], typer.Option(
         help="Sampling weight per source, e.g. gold=1,pseudo=2,detection=1 (sources left out weigh 1).")] = None,
     preset: Annotated[str, typer.Option(help="Model preset when not resuming or --init: tiny, glip-t, glip-l.")] = "tiny",
@@ -49,6 +52,15 @@ def main(
         help="Training/inference shorter side in pixels (default: the preset's).")] = None,
     max_size: Annotated[Optional[int], typer.Option(
         help="Longer side at most, in pixels (default: the preset's).")] = None,
+    loader_workers: Annotated[int, typer.Option(
+        min=0, help="Processes per training worker that read, decode and augment its data ahead of the step "
+                    "(each streams its own shards; a resume with another value re-splits them). 0: in the "
+                    "training thread, the step waits on them.")] = 1,
+    group_shards: Annotated[int, typer.Option(
+        min=1, help="Shards of a source each data reader reads at once, interleaved: the span of the shuffle, "
+                    "and the most a resume re-reads.")] = 4,
+    shuffle_buffer: Annotated[int, typer.Option(
+        min=1, help="Samples held per source and data reader for shuffling (memory: this many images).")] = 256,
     checkpoint_every: Annotated[int, typer.Option(min=0, help="Write a checkpoint every N steps (0: only at the end).")] = 500,
     keep: Annotated[int, typer.Option(min=1, help="Checkpoints kept in OUT/checkpoints (newest).")] = 2,
     log_every: Annotated[int, typer.Option(min=1, help="Write a metrics.jsonl row every N steps.")] = 10,
@@ -72,19 +84,20 @@ def main(
     """Train a GLIP student on gold grounding data plus pseudo-label shards (gold only: a teacher) with Ray Train."""
     from pipelines.common import console, setup_logging
     from pipelines.training import AnnotatedImages, TrainOptions, parse_mix, train
+    from pipelines.training.options import parse_source
     from pipelines.training.loop import TrainingFailed
 
     setup_logging(verbose)
     overrides = {k: v for k, v in (("min_size", min_size), ("max_size", max_size)) if v is not None}
     options = TrainOptions(
-        out=out, gold=[AnnotatedImages.parse(v, "--gold") for v in gold or []], pseudo=list(pseudo or []),
-        detection=[AnnotatedImages.parse(v, "--detection") for v in detection or []], mix=parse_mix(mix),
+        out=out, gold=[parse_source(v, "--gold") for v in gold or []], pseudo=list(pseudo or []),
+        detection=[parse_source(v, "--detection") for v in detection or []], mix=parse_mix(mix),
         preset=preset, text_encoder=text_encoder, init=init, model_overrides=overrides, steps=steps,
         batch_size=batch_size, lr=lr, text_lr=text_lr, weight_decay=weight_decay, warmup=warmup,
         schedule=schedule, grad_clip=grad_clip, workers=workers, gpus_per_worker=gpus_per_worker,
         cpus_per_worker=cpus_per_worker, amp=amp, pseudo_min_score=pseudo_min_score,
-        pseudo_unboxed=pseudo_unboxed,
-        checkpoint_every=checkpoint_every, keep=keep, log_every=log_every,
+        pseudo_unboxed=pseudo_unboxed, loader_workers=loader_workers, group_shards=group_shards,
+        shuffle_buffer=shuffle_buffer, checkpoint_every=checkpoint_every, keep=keep, log_every=log_every,
         eval=[AnnotatedImages.parse(v, "--eval") for v in eval or []], eval_every=eval_every,
         resume=resume, overwrite=overwrite, max_failures=max_failures, address=address, seed=seed)
     try:

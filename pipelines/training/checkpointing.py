@@ -32,6 +32,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -200,6 +201,22 @@ def clear_run(out: str | Path, names: tuple[str, ...]) -> None:
             fs.delete(path)
 
 
+def snapshot(obj: Any) -> Any:
+    """A copy of ``obj`` (nested dicts/lists/tuples) whose tensors are CPU copies: later
+    in-place updates of the originals (an optimizer step) do not reach it."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: snapshot(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [snapshot(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(snapshot(v) for v in obj)
+    return obj
+
+
 def staging_root() -> Path:
     """Local scratch space for runs whose output is on an object store (beside the download cache)."""
     return fs.cache_dir() / "staging"
@@ -225,6 +242,8 @@ class RunOutput:
             self.work = Path(self.out)
             self.work.mkdir(parents=True, exist_ok=True)
         self._metrics_uploaded = 0.0
+        self._writer: threading.Thread | None = None
+        self._failure: BaseException | None = None
 
     def save_checkpoint(self, step: int, save_model: Callable[[Path], None], train_state: dict[str, Any],
                         keep: int) -> Location:
@@ -251,6 +270,36 @@ class RunOutput:
         self.upload_metrics(force=True)
         return fs.join(self.out, name)
 
+    def save_checkpoint_in_background(self, step: int, model, train_state: dict[str, Any], keep: int) -> None:
+        """``save_checkpoint`` from a snapshot, written by a thread while training goes on.
+
+        The snapshot (weights and train state copied to CPU memory) is all the training loop
+        waits for; the write, upload and commit happen behind it. One write at a time: a
+        checkpoint asked for while the previous one is still being written waits for it.
+        ``wait`` re-raises a failed write.
+        """
+        self.wait()
+        weights = snapshot({k: v for k, v in model.state_dict().items()})
+        state = snapshot(train_state)
+
+        def write() -> None:
+            try:
+                self.save_checkpoint(step, lambda folder: model.save_pretrained(folder, state_dict=weights), state, keep)
+            except BaseException as exc:    # handed to the training thread by wait()
+                self._failure = exc
+
+        self._writer = threading.Thread(target=write, name=f"checkpoint-{step}", daemon=True)
+        self._writer.start()
+
+    def wait(self) -> None:
+        """Block until the background checkpoint write (if any) is done; re-raise its error."""
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.join()
+        failure, self._failure = self._failure, None
+        if failure is not None:
+            raise failure
+
     @property
     def metrics_path(self) -> Path:
         from pipelines.training.loop import METRICS
@@ -267,6 +316,7 @@ class RunOutput:
 
     def publish_final(self) -> None:
         """The newest checkpoint's files at the top of ``out`` (``from_pretrained(out)``)."""
+        self.wait()
         final = latest_checkpoint(self.work)
         if final is None:
             return
@@ -276,6 +326,11 @@ class RunOutput:
             publish(final, self.out)
 
     def close(self) -> None:
+        try:
+            self.wait()
+        except Exception as exc:   # closing after another error: that one is the story
+            import logging
+            logging.getLogger("glipctl.train").error("checkpoint write failed: %s", exc)
         if self.remote:
             self.upload_metrics(force=True)
             shutil.rmtree(self.work, ignore_errors=True)

@@ -1,10 +1,16 @@
-"""The per-worker sample feed: mix sources, turn records into augmented training examples.
+"""The per-reader sample feed: mix sources, turn records into augmented training examples.
 
-Every source becomes the same ``TrainExample`` (image tensor, caption, xyxy boxes, character
-spans): gold and pseudo-label samples as they are, detection images as a prompt of category
-names drawn per visit (GLIP's detection-as-grounding: the image's categories plus random
-absent ones as negatives, in random order). A record that cannot be used is a counted skip
-and the next record of the same source is drawn instead, so the mix ratio holds.
+Every source is a list of shards (``sources.TrainingSources``), streamed by one
+``sampling.ShardStream`` each, and becomes the same ``TrainExample`` (image tensor, caption,
+xyxy boxes, character spans): gold and pseudo-label samples as they are, detection images as
+a prompt of category names drawn per visit (GLIP's detection-as-grounding: the image's
+categories plus random absent ones from the dataset's vocabulary as negatives, in random
+order). A record that cannot be used is a counted skip and the next record of the same source
+is drawn instead, so the mix ratio holds.
+
+A feed owns all its randomness (mix, prompts, and the torch generator state augmentation
+draws from, swapped in around each augmentation), so its ``state_dict`` alone replays it,
+whichever process runs it (``loader``).
 """
 from __future__ import annotations
 
@@ -19,10 +25,12 @@ from storage.records import GroundedSample, InvalidRecord, validate_sample
 from storage.skips import StageCounts
 
 from pipelines.training.augment import TrainAugment
-from pipelines.training.sampling import EpochCursor, MixSampler, PseudoStream
+from pipelines.training.sampling import MixSampler, ShardStream
 from pipelines.training.sources import DetectionImage, TrainingSources
 
-_PROMPT = 5   # seed stream of the detection prompt draws
+_PROMPT, _AUGMENT = 5, 6   # seed streams of the detection prompt draws and of augmentation
+_TAGS = {"gold": 1, "detection": 2, "pseudo": 3}   # one shard order per source
+MAX_DRAWS_IN_A_ROW = 1000
 
 
 @dataclass
@@ -91,32 +99,46 @@ def _xywh_to_xyxy(boxes: list[list[float]]) -> torch.Tensor:
     return torch.cat([t[:, :2], t[:, :2] + t[:, 2:]], dim=1)
 
 
+def make_example(augment: TrainAugment, image, caption: str, boxes_xywh, spans, source: str, key: str,
+                 counts: StageCounts) -> TrainExample | None:
+    """Augment one record into a ``TrainExample``; None (a counted skip) when no box is left."""
+    if not boxes_xywh:
+        counts.skip("no_valid_boxes", key)
+        return None
+    out = augment(image, _xywh_to_xyxy(boxes_xywh), caption)
+    if out.boxes.shape[0] == 0:
+        counts.skip("no_boxes_after_augment", key)
+        return None
+    return TrainExample(out.image, caption, out.boxes, [spans[int(i)] for i in out.keep], source, key)
+
+
 class MixedFeed:
-    """Draws ``TrainExample``s for worker ``rank`` of ``world`` from ``sources``.
+    """Draws ``TrainExample``s for reader ``rank`` of ``world`` from ``sources``.
 
     ``counts`` holds one StageCounts per source: ``read`` = records drawn, ``written`` =
-    examples handed to training, ``skipped`` by reason.
+    examples handed to training, ``skipped`` by reason; ``reader_counts`` the shard readers'
+    own (samples read from the tars, bad members).
     """
 
     def __init__(self, sources: TrainingSources, weights: dict[str, float], augment: TrainAugment,
                  seed: int, rank: int = 0, world: int = 1, pseudo_min_score: float = 0.0,
                  pseudo_unboxed: str = "negative", detection_negatives: int | None = 8, shuffle_buffer: int = 256,
-                 max_tokens: int = 256):
+                 max_tokens: int = 256, group_shards: int = 4):
         available = sources.available()
         self.mix = MixSampler({n: w for n, w in weights.items() if available.get(n)}, seed, rank)
         self.sources, self.augment = sources, augment
         self.pseudo_min_score, self.detection_negatives = pseudo_min_score, detection_negatives
         self.pseudo_unboxed = pseudo_unboxed
         self.counts = {name: StageCounts() for name in self.mix.names}
-        self.cursors: dict[str, EpochCursor] = {}
-        if sources.gold:
-            self.cursors["gold"] = EpochCursor(len(sources.gold), seed, rank, world, tag=1)
-        if sources.detection:
-            self.cursors["detection"] = EpochCursor(len(sources.detection), seed, rank, world, tag=2)
-        self.pseudo = (PseudoStream(sources.pseudo_files, seed, rank, world, shuffle_buffer)
-                       if sources.pseudo_files and "pseudo" in self.mix.names else None)
+        self.reader_counts = {name: StageCounts() for name in self.mix.names}
+        self.streams = {name: ShardStream(sources.files(name), seed, rank, world, tag=_TAGS[name],
+                                          group_shards=group_shards, buffer_size=shuffle_buffer,
+                                          counts=self.reader_counts[name])
+                        for name in self.mix.names}
         self.max_tokens = max_tokens
         self.prompt_rng = np.random.default_rng([seed, rank, _PROMPT])
+        self.augment_rng = torch.Generator().manual_seed(int(np.random.default_rng([seed, rank, _AUGMENT])
+                                                             .integers(2 ** 62))).get_state()
 
     # ------------------------------------------------------------------ drawing
 
@@ -126,33 +148,30 @@ class MixedFeed:
     def next_example(self) -> TrainExample:
         source = self.mix.next()
         counts = self.counts[source]
-        limit = self._attempt_limit(source)
-        for _ in range(limit):
+        for _ in range(MAX_DRAWS_IN_A_ROW):
             counts.read += 1
             example = self._draw(source, counts)
             if example is not None:
                 counts.written += 1
                 return example
-        raise InputError(f"{source}: no usable record in {limit} draws in a row "
+        raise InputError(f"{source}: no usable record in {MAX_DRAWS_IN_A_ROW} draws in a row "
                          f"(skipped: {dict(counts.skipped)}); check the input")
-
-    def _attempt_limit(self, source: str) -> int:
-        size = {"gold": len(self.sources.gold), "detection": len(self.sources.detection)}.get(source, 0)
-        return max(1000, 2 * size)
 
     def _draw(self, source: str, counts: StageCounts) -> TrainExample | None:
         from labeling.images import ImageSkip, decode_image
 
+        path, sample, data = self.streams[source].next()
+        decoded = decode_image(data)
+        if isinstance(decoded, ImageSkip):
+            counts.skip(decoded.reason, f"{path} key {sample.key}", decoded.detail)
+            return None
+        if (decoded.width, decoded.height) != (sample.width, sample.height):
+            counts.skip("image_size_mismatch", f"{path} key {sample.key}",
+                        f"record {sample.width}x{sample.height}, image {decoded.width}x{decoded.height}")
+            return None
+        if source == "detection":
+            return self._detection_example(path, sample, decoded.image, counts)
         if source == "pseudo":
-            sample, data = self.pseudo.next()
-            decoded = decode_image(data)
-            if isinstance(decoded, ImageSkip):
-                counts.skip(decoded.reason, sample.key, decoded.detail)
-                return None
-            if (decoded.width, decoded.height) != (sample.width, sample.height):
-                counts.skip("image_size_mismatch", sample.key,
-                            f"record {sample.width}x{sample.height}, image {decoded.width}x{decoded.height}")
-                return None
             kept = [b for b in sample.boxes if b.score >= self.pseudo_min_score]
             if not kept:
                 counts.skip("no_box_above_min_score", sample.key)
@@ -163,74 +182,85 @@ class MixedFeed:
             except InvalidRecord as exc:
                 counts.skip("invalid_record", sample.key, str(exc))
                 return None
-            example = self._example(decoded.image, sample.caption, [b.bbox for b in sample.boxes],
-                                    [b.tokens_positive for b in sample.boxes], source, sample.key, counts)
-            if example is not None and self.pseudo_unboxed == "ignore":
-                example.tokens_ignore = unboxed_phrase_spans(sample)
-            return example
+        example = self._augmented(decoded.image, sample.caption, [b.bbox for b in sample.boxes],
+                                  [b.tokens_positive for b in sample.boxes], source, sample.key, counts)
+        if example is not None and source == "pseudo" and self.pseudo_unboxed == "ignore":
+            example.tokens_ignore = unboxed_phrase_spans(sample)
+        return example
 
-        index = self.cursors[source].next()
-        if source == "gold":
-            record: GroundedSample | DetectionImage = self.sources.gold[index]
-            path = record.extra["image_path"]
-        else:
-            record = self.sources.detection[index]
-            path = record.image_path
-        try:
-            decoded = decode_image(fs.read_bytes(path))
-        except OSError as exc:
-            counts.skip("missing_image", path, str(exc))
+    def _detection_example(self, path: str, sample: GroundedSample, image, counts: StageCounts) -> TrainExample | None:
+        from storage.packed import detection_boxes, vocabulary_path
+
+        where = vocabulary_path(fs.parent_of(path), str(sample.extra.get("vocabulary", "")))
+        vocabulary = self.sources.vocabularies.get(where)
+        if vocabulary is None:
+            counts.skip("unknown_vocabulary", f"{path} key {sample.key}", f"no vocabulary at {where}")
             return None
-        if isinstance(decoded, ImageSkip):
-            counts.skip(decoded.reason, path, decoded.detail)
-            return None
-        if source == "gold":
-            return self._example(decoded.image, record.caption, [b.bbox for b in record.boxes],
-                                 [b.tokens_positive for b in record.boxes], source, record.key, counts)
+        record = DetectionImage(sample.key, path, sample.width, sample.height, detection_boxes(sample),
+                                vocabulary, sample.source)
         caption, boxes, spans = detection_prompt(record, self.prompt_rng, self.detection_negatives, self.max_tokens)
-        return self._example(decoded.image, caption, boxes, spans, source, record.key, counts)
+        return self._augmented(image, caption, boxes, spans, "detection", sample.key, counts)
 
-    def _example(self, image, caption: str, boxes_xywh, spans, source: str, key: str,
-                 counts: StageCounts) -> TrainExample | None:
-        if not boxes_xywh:
-            counts.skip("no_valid_boxes", key)
-            return None
-        out = self.augment(image, _xywh_to_xyxy(boxes_xywh), caption)
-        if out.boxes.shape[0] == 0:
-            counts.skip("no_boxes_after_augment", key)
-            return None
-        return TrainExample(out.image, caption, out.boxes, [spans[int(i)] for i in out.keep], source, key)
+    def _augmented(self, image, caption, boxes_xywh, spans, source, key, counts) -> TrainExample | None:
+        """``make_example`` drawing from this feed's own torch generator state."""
+        outer = torch.get_rng_state()
+        torch.set_rng_state(self.augment_rng)
+        try:
+            return make_example(self.augment, image, caption, boxes_xywh, spans, source, key, counts)
+        finally:
+            self.augment_rng = torch.get_rng_state()
+            torch.set_rng_state(outer)
 
     # ------------------------------------------------------------------ resume
 
     def state_dict(self) -> dict:
         return {
             "mix": self.mix.state_dict(),
-            "cursors": {n: c.state_dict() for n, c in self.cursors.items()},
-            "pseudo": self.pseudo.state_dict() if self.pseudo else None,
+            "streams": {n: s.state_dict() for n, s in self.streams.items()},
             "prompt_rng": self.prompt_rng.bit_generator.state,
+            "augment_rng": self.augment_rng.clone(),
             "counts": self.all_counts(),
         }
 
     def load_state_dict(self, state: dict) -> None:
+        """Continue exactly where ``state`` (this reader's, same split) was taken."""
+        self._load_counts(state.get("counts") or {})
         self.mix.load_state_dict(state["mix"])
-        for name, cursor_state in state["cursors"].items():
-            if name in self.cursors:
-                self.cursors[name].load_state_dict(cursor_state)
-        if self.pseudo is not None and state.get("pseudo"):
-            self.pseudo.load_state_dict(state["pseudo"])
+        for name, stream_state in state["streams"].items():
+            if name in self.streams:
+                self.streams[name].load_state_dict(stream_state)
         self.prompt_rng.bit_generator.state = state["prompt_rng"]
-        for name, counts in (state.get("counts") or {}).items():
-            if name in self.counts:
-                self.counts[name] = StageCounts.from_dict(counts)
-        if self.pseudo is not None:
-            reader = (state.get("counts") or {}).get("_pseudo_reader")
-            if reader:
-                self.pseudo.counts = StageCounts.from_dict(reader)
+        self.augment_rng = state["augment_rng"].clone()
+
+    def resplit(self, states: list[dict], keep_counts: bool) -> None:
+        """Continue the data position of another split (``states``: every old reader's, in
+        order): each stream takes its part of the shards left; the random draws start afresh.
+        ``keep_counts``: this reader carries the old readers' counts (one reader should)."""
+        if keep_counts:
+            total: dict[str, StageCounts] = {}
+            for s in states:
+                for name, c in (s.get("counts") or {}).items():
+                    total.setdefault(name, StageCounts()).merge(c)
+            self._load_counts({n: c.to_dict() for n, c in total.items()})
+        for name, stream in self.streams.items():
+            old = [s["streams"][name] for s in states if name in s.get("streams", {})]
+            if old:
+                stream.resplit(old)
+
+    def _load_counts(self, counts: dict[str, dict]) -> None:
+        for name, c in counts.items():
+            reader = name.removeprefix(READER_PREFIX)
+            target = self.reader_counts if name.startswith(READER_PREFIX) else self.counts
+            if reader in target:   # the stream holds this object: update it in place
+                loaded = StageCounts.from_dict(c)
+                target[reader].read, target[reader].written = loaded.read, loaded.written
+                target[reader].skipped = loaded.skipped
 
     def all_counts(self) -> dict[str, dict]:
-        """Per-source counts as dicts; the shard reader's own skips under ``_pseudo_reader``."""
+        """Per-source counts as dicts; each shard reader's own under ``_reader_<source>``."""
         result = {name: c.to_dict() for name, c in self.counts.items()}
-        if self.pseudo is not None:
-            result["_pseudo_reader"] = self.pseudo.reader_counts().to_dict()
+        result.update({READER_PREFIX + name: c.to_dict() for name, c in self.reader_counts.items()})
         return result
+
+
+READER_PREFIX = "_reader_"

@@ -19,9 +19,9 @@ from storage import fs
 from storage.skips import StageCounts
 
 from pipelines.training.augment import TrainAugment
-from pipelines.training.feed import MixedFeed
+from pipelines.training.feed import TrainExample, detection_prompt, make_example
 from pipelines.training.options import AnnotatedImages
-from pipelines.training.sources import TrainingSources, load_detection, load_gold
+from pipelines.training.sources import DetectionImage, load_detection, load_gold
 
 
 def is_detection_file(path: str) -> bool:
@@ -36,14 +36,42 @@ class HeldOutSet:
     """One ``--eval`` file with its records loaded on the driver (picklable)."""
     spec: AnnotatedImages
     detection: bool
-    sources: TrainingSources
+    records: list      # GroundedSample (grounding) or DetectionImage (detection)
 
     @classmethod
     def load(cls, spec: AnnotatedImages, counts: StageCounts) -> "HeldOutSet":
         detection = is_detection_file(spec.annotations)
         if detection:
-            return cls(spec, True, TrainingSources(detection=load_detection([spec], counts)))
-        return cls(spec, False, TrainingSources(gold=load_gold([spec], counts)))
+            return cls(spec, True, load_detection([spec], counts))
+        return cls(spec, False, load_gold([spec], counts))
+
+    def examples(self, augment: TrainAugment, samples: int, max_tokens: int, seed: int) -> list[TrainExample]:
+        """The first ``samples`` usable records as examples (detection: every category named,
+        none at random: the whole vocabulary as negatives); unreadable images are skipped."""
+        from labeling.images import ImageSkip, decode_image
+
+        rng, counts, out = np.random.default_rng(seed), StageCounts(), []
+        for record in self.records:
+            if len(out) >= samples:
+                break
+            path = record.image_path if isinstance(record, DetectionImage) else record.extra["image_path"]
+            try:
+                decoded = decode_image(fs.read_bytes(path))
+            except OSError as exc:
+                counts.skip("missing_image", path, str(exc))
+                continue
+            if isinstance(decoded, ImageSkip):
+                counts.skip(decoded.reason, path, decoded.detail)
+                continue
+            if isinstance(record, DetectionImage):
+                caption, boxes, spans = detection_prompt(record, rng, None, max_tokens)
+                example = make_example(augment, decoded.image, caption, boxes, spans, "detection", record.key, counts)
+            else:
+                example = make_example(augment, decoded.image, record.caption, [b.bbox for b in record.boxes],
+                                       [b.tokens_positive for b in record.boxes], "gold", record.key, counts)
+            if example is not None:
+                out.append(example)
+        return out
 
 
 class HeldOutEvaluator:
@@ -55,12 +83,7 @@ class HeldOutEvaluator:
         augment = TrainAugment(min_size, max_size, train=False)
         self.examples = []
         for held in sets:
-            source = "detection" if held.detection else "gold"
-            size = len(held.sources.detection if held.detection else held.sources.gold)
-            # every category named, none at random: the whole vocabulary as negatives
-            feed = MixedFeed(held.sources, {source: 1.0}, augment, seed=seed, detection_negatives=None,
-                             max_tokens=max_tokens)
-            self.examples.extend(feed.next_batch(min(samples, size)))
+            self.examples.extend(held.examples(augment, samples, max_tokens, seed))
 
     @torch.no_grad()
     def __call__(self, model) -> dict[str, Any]:

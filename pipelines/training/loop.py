@@ -23,8 +23,8 @@ that finds it returns it at once (``run_restartable_worker``) instead of trainin
 
 Test hook (nothing sets it outside tests): ``GLIPCTL_TEST_EXIT_AT_STEP=STEP:MARKER`` makes the
 first worker process to finish step STEP exit on the spot (``os._exit``, after that step's
-metrics row, before its checkpoint), as a lost machine would; creating the local file MARKER
-is the claim, so it happens once per marker.
+metrics row, before its checkpoint, once the checkpoints before it are written), as a lost
+machine would; creating the local file MARKER is the claim, so it happens once per marker.
 """
 from __future__ import annotations
 
@@ -46,9 +46,8 @@ from storage.atomic import atomic_write
 from storage.errors import InputError
 from storage.skips import StageCounts
 
-from pipelines.training.augment import TrainAugment
 from pipelines.training.checkpointing import RunOutput, checkpoint_dir, latest_checkpoint, load_train_state
-from pipelines.training.feed import MixedFeed
+from pipelines.training.loader import FeedSpec, WorkerBatches
 from pipelines.training.options import TrainOptions
 from pipelines.training.schedule import build_optimizer, lr_factor, text_parameter_ids
 
@@ -164,7 +163,7 @@ def _newest_checkpoint(out: str, rank: int, world: int, device: torch.device) ->
     return choice[0]
 
 
-def _injected_fault(step: int) -> None:
+def _injected_fault(step: int, run: RunOutput | None) -> None:
     """The test hook of the module docstring (``FAULT_ENV``)."""
     spec = os.environ.get(FAULT_ENV)
     if not spec:
@@ -172,6 +171,8 @@ def _injected_fault(step: int) -> None:
     at, _, marker = spec.partition(":")
     if step != int(at):
         return
+    if run is not None:   # which checkpoint the restart finds must not depend on the writer thread's pace
+        run.wait()
     try:
         os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
     except FileExistsError:
@@ -306,11 +307,8 @@ def _train_worker(config: dict[str, Any], ctx: WorkerContext, out: str,
     optimizer, scheduler = build_optimizer(model, options.lr, options.text_lr, options.weight_decay,
                                            options.steps, options.warmup, options.schedule)
     cfg = model.config
-    augment = TrainAugment(cfg.min_size, cfg.max_size, train=options.augment)
-    feed = MixedFeed(config["sources"], options.mix, augment, options.seed, rank, world,
-                     pseudo_min_score=options.pseudo_min_score, pseudo_unboxed=options.pseudo_unboxed,
-                     detection_negatives=options.detection_negatives,
-                     shuffle_buffer=options.shuffle_buffer, max_tokens=cfg.max_query_len)
+    batches = WorkerBatches(FeedSpec(config["sources"], options, cfg.min_size, cfg.max_size, cfg.max_query_len),
+                            rank, world, options.batch_size, options.loader_workers)
     start_step = 0
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
@@ -321,12 +319,9 @@ def _train_worker(config: dict[str, Any], ctx: WorkerContext, out: str,
         for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
             group["lr"] = base * factor
         ranks = state.get("ranks") or []
+        batches.load([r.get("feed") for r in ranks])
         if state.get("world_size") == world and rank < len(ranks):
-            feed.load_state_dict(ranks[rank]["feed"])
             _set_rng_state(ranks[rank]["rng"], device)
-        else:   # another worker count: positions cannot map one to one; draw afresh
-            log.warning("resuming with %d workers (checkpoint had %s): data order restarts", world,
-                        state.get("world_size"))
     train_model = model
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -349,7 +344,7 @@ def _train_worker(config: dict[str, Any], ctx: WorkerContext, out: str,
     rows: list[dict[str, Any]] = []
 
     for step in range(start_step, options.steps):
-        batch = feed.next_batch(options.batch_size)
+        batch = batches.next_batch()
         images = [e.image.to(device, non_blocking=True) for e in batch]
         targets = [{"boxes": e.boxes.to(device), "tokens_positive": e.tokens_positive,
                     "tokens_ignore": e.tokens_ignore} for e in batch]
@@ -397,19 +392,20 @@ def _train_worker(config: dict[str, Any], ctx: WorkerContext, out: str,
             metrics.write(row)
             rows.append(row)
             window_start, window_samples = time.perf_counter(), 0
-        _injected_fault(done)
+        _injected_fault(done, run)
 
         if (options.checkpoint_every and done % options.checkpoint_every == 0) or done == options.steps:
-            rank_states = _gather({"feed": feed.state_dict(), "rng": _rng_state(device)}, world)
+            rank_states = _gather({"feed": batches.state_dict(), "rng": _rng_state(device)}, world)
             if rank == 0:
                 train_state = {"step": done, "optimizer": optimizer.state_dict(),
                                "scheduler": scheduler.state_dict(), "world_size": world,
                                "ranks": rank_states, "loss_terms": names, "options": options.to_dict()}
-                run.save_checkpoint(done, model.save_pretrained, train_state, options.keep)
+                run.save_checkpoint_in_background(done, model, train_state, options.keep)
             last_checkpoint = checkpoint_dir(out, done)
             window_start = time.perf_counter()   # samples/s measures training, not checkpoint writes
 
-    all_counts = _gather(feed.all_counts(), world)
+    batches.close()
+    all_counts = _gather(batches.counts(), world)
     peaks = _gather(peak_memory_mb(device), world)
     if rank != 0:
         return None

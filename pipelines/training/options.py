@@ -49,6 +49,18 @@ class AnnotatedImages:
         return cls(fs.normalize(ann), fs.normalize(root))
 
 
+def parse_source(value: str, option: str) -> "AnnotatedImages | str":
+    """A ``--gold`` / ``--detection`` value: ``ANN.json=IMAGE_DIR`` (packed by the run itself),
+    or a packed folder / ``.tar`` shard from ``glipctl pack`` (normalized path or URI)."""
+    if _JSON_THEN_EQUALS.search(value):
+        return AnnotatedImages.parse(value, option)
+    kind = fs.kind_of(value)
+    if kind is None:
+        hint = "" if "=" in value else " (or ANN.json=IMAGE_DIR)"
+        raise InputError(f"{option} {value}: no such packed folder or shard{hint}")
+    return fs.normalize(value)
+
+
 def parse_mix(value: str | None) -> dict[str, float]:
     """``"gold=1,pseudo=2"`` -> ``{"gold": 1.0, "pseudo": 2.0}``; sources left out weigh 1."""
     weights = {name: 1.0 for name in SOURCES}
@@ -77,9 +89,9 @@ class TrainOptions:
     ``model_overrides`` are passed to ``GLIP.from_preset`` (tests shrink ``min_size`` there).
     """
     out: str
-    gold: list[AnnotatedImages] = field(default_factory=list)
+    gold: list[AnnotatedImages | str] = field(default_factory=list)        # ANN=IMAGES, or packed folders/shards
     pseudo: list[str] = field(default_factory=list)
-    detection: list[AnnotatedImages] = field(default_factory=list)
+    detection: list[AnnotatedImages | str] = field(default_factory=list)
     mix: dict[str, float] = field(default_factory=lambda: parse_mix(None))
     preset: str = "tiny"
     text_encoder: str | None = None
@@ -100,7 +112,9 @@ class TrainOptions:
     pseudo_min_score: float = 0.0
     pseudo_unboxed: str = "negative"   # phrases the teacher found no box for: "negative" (GLIP) or "ignore" (no loss)
     detection_negatives: int = 8       # at most this many absent categories per detection prompt
-    shuffle_buffer: int = 256          # pseudo-shard samples held for shuffling, per worker
+    shuffle_buffer: int = 256          # samples held for shuffling, per source and data reader
+    group_shards: int = 4              # shards of a source read at once, interleaved (the shuffle's span)
+    loader_workers: int = 1            # processes decoding + augmenting per training worker; 0: in the training thread
     checkpoint_every: int = 500
     keep: int = 2
     log_every: int = 10
@@ -119,9 +133,12 @@ class TrainOptions:
         if not (self.gold or self.pseudo or self.detection):
             raise InputError("nothing to train on: give --gold, --pseudo or --detection")
         for name, value in [("--steps", self.steps), ("--batch-size", self.batch_size),
-                            ("--workers", self.workers), ("--keep", self.keep), ("--log-every", self.log_every)]:
+                            ("--workers", self.workers), ("--keep", self.keep), ("--log-every", self.log_every),
+                            ("--group-shards", self.group_shards), ("--shuffle-buffer", self.shuffle_buffer)]:
             if value < 1:
                 raise InputError(f"{name} must be >= 1 (got {value})")
+        if self.loader_workers < 0:
+            raise InputError(f"--loader-workers must be >= 0 (got {self.loader_workers})")
         if self.warmup < 0 or self.checkpoint_every < 0 or self.eval_every < 0 or self.max_failures < 0:
             raise InputError("--warmup, --checkpoint-every, --eval-every and --max-failures must be >= 0")
         if self.pseudo_unboxed not in ("ignore", "negative"):

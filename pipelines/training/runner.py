@@ -1,6 +1,7 @@
 """The driver side of ``glipctl train-student``: check inputs, start Ray Train, show progress.
 
-``train(options)`` loads and checks every source here (bad input fails before any worker
+``train(options)`` checks every source here and packs ``ANN.json=IMAGES`` inputs into
+``OUT/_packed`` (``sources.prepare_sources``; bad input fails before any training worker
 starts, with exit 2 from the CLI), then runs one ``TorchTrainer`` fit: ``options.workers``
 workers, DDP over gloo (CPU) or NCCL (GPU). Rank 0 writes checkpoints and ``metrics.jsonl``
 straight into ``--out`` (see ``checkpointing`` for why not Ray Train's own checkpoints);
@@ -18,9 +19,9 @@ Every path may be a local path or a URI (``storage.fs``); local ones are made ab
 before they enter the train config. On a cluster, local paths must be on storage every
 node sees; an ``s3://`` / ``gs://`` ``--out`` needs nothing shared: rank 0 uploads and
 commits its checkpoints there (``checkpointing.RunOutput``) and Ray Train's own run state
-goes to ``OUT/_ray`` through the same filesystem. Gold and
-detection records travel to the workers inside the train config (one pickle through Ray's
-object store; every worker holds its copy, about 1-2 KB per record).
+goes to ``OUT/_ray`` through the same filesystem. The train config carries shard lists and
+options only (kilobytes, whatever the size of the data); each worker streams its own part of
+every source (``loader``).
 """
 from __future__ import annotations
 
@@ -41,7 +42,8 @@ from storage.skips import StageCounts
 from pipelines.training.checkpointing import (Location, checkpoint_step, clear_run, latest_checkpoint,
                                               list_checkpoints, publish_checkpoint)
 from pipelines.training.options import AnnotatedImages, TrainOptions, TrainResult
-from pipelines.training.sources import load_sources
+from pipelines.training.feed import READER_PREFIX
+from pipelines.training.sources import PACKED_DIR, prepare_sources
 
 log = logging.getLogger("glipctl.train")
 
@@ -58,7 +60,9 @@ def _clear_previous_run(out: str) -> None:
 
 def normalized_options(options: TrainOptions) -> TrainOptions:
     """``options`` with every local path absolute (URIs as given): what Ray workers receive."""
-    def spec(s: AnnotatedImages) -> AnnotatedImages:
+    def spec(s: AnnotatedImages | str) -> AnnotatedImages | str:
+        if isinstance(s, str):
+            return fs.normalize(s)
         return AnnotatedImages(fs.normalize(s.annotations), fs.normalize(s.image_root))
 
     def path(p: str | None) -> str | None:
@@ -99,16 +103,17 @@ def _write_manifest(out: str, options: TrainOptions, resume_from: Location | Non
 
 
 def _driver_counts(sources_counts: dict[str, StageCounts], worker_counts: dict[str, dict]) -> dict[str, dict]:
-    """Per source: ``read`` = records read from the input (annotation entries, shard samples),
-    ``written`` = examples trained on, ``skipped`` = every reason, from loading and drawing."""
+    """Per source: ``read`` = samples the workers read from its shards (every visit),
+    ``written`` = examples trained on, ``skipped`` = every reason, from packing
+    ``ANN.json=IMAGES`` inputs (``sources_counts``), reading and drawing."""
     total: dict[str, StageCounts] = {}
     for name, c in sources_counts.items():
-        if c.read or c.skipped:
-            total.setdefault(name, StageCounts()).merge(c)
+        if c.skipped:   # the records packing read are the shards' samples: only its skips add here
+            total.setdefault(name, StageCounts()).skipped.update(c.skipped)
     for name, c in worker_counts.items():
         drawn = StageCounts.from_dict(c)
-        merged = total.setdefault("pseudo" if name == "_pseudo_reader" else name, StageCounts())
-        if name == "_pseudo_reader":      # the shard reader: what was read from the tars
+        merged = total.setdefault(name.removeprefix(READER_PREFIX), StageCounts())
+        if name.startswith(READER_PREFIX):    # the shard reader: what was read from the tars
             merged.read += drawn.read
         else:                             # the feed: its "read" are draws, not input records
             merged.written += drawn.written
@@ -229,11 +234,11 @@ def train(options: TrainOptions, progress: bool = True) -> TrainResult:
         return TrainResult(result_out, start_step, start_step, [], {}, [p for _, p in list_checkpoints(out)],
                            0.0, 0.0)
 
-    sources = load_sources(options.gold, options.detection, options.pseudo)
-    eval_counts = StageCounts()
-    heldout = [HeldOutSet.load(spec, eval_counts) for spec in options.eval]
     ensure_ray(options.address)
     _check_resources(options)
+    sources = prepare_sources(options.gold, options.detection, options.pseudo, out)
+    eval_counts = StageCounts()
+    heldout = [HeldOutSet.load(spec, eval_counts) for spec in options.eval]
     if options.overwrite:   # only now: bad input must not cost the previous run
         _clear_previous_run(out)
     _write_manifest(out, options, resume_from, "running", _driver_counts(sources.counts, {}), start_step)

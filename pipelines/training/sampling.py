@@ -1,17 +1,23 @@
 """Seeded, resumable sampling: which source each sample comes from, and which record.
 
 * ``MixSampler`` draws a source name per sample with probability proportional to ``--mix``.
-* ``EpochCursor`` walks a map-style source (gold, detection) in a fresh permutation per
-  epoch, each worker taking its own stride of it (like ``DistributedSampler``).
-* ``PseudoStream`` streams pseudo-label shards: each worker reads its own shards (or, with
-  fewer shards than workers, its own stride of the samples), through a shuffle buffer.
+* ``ShardStream`` streams one source's shards (packed gold, packed detection, pseudo-labels)
+  for one reader: each epoch visits the shards in a seeded order that every reader shares,
+  reader ``rank`` of ``world`` taking shards ``rank::world`` (the shard is the unit of IO;
+  with fewer shards than readers, each reads them all and keeps its stride of the samples).
+  Its shards are read ``group_shards`` at a time, interleaved, through a shuffle buffer that
+  is drained at the end of each group.
 
-Every piece has ``state_dict``/``load_state_dict`` holding plain Python values, so a resumed
-run draws exactly what the interrupted one would have drawn next.
+Because the buffer never outlives a group, a stream's position is small and exact:
+``(epoch, the shards still to read this epoch, samples already taken from the current group)``.
+Resuming re-reads only the current group up to that count (bounded by the group, whatever
+the size of the dataset: no epoch replay), and a resume with another number of readers
+re-splits the shards every old reader still had to read (``resplit``). Every piece has
+``state_dict``/``load_state_dict`` holding plain Python values.
 
 The shards are WebDataset tars; they are read through ``storage.shards.iter_shard_samples``
 rather than the ``webdataset`` package so that there is one reader of the format, with the
-same counted skips (truncated tars, bad members) everywhere. The split by worker and the
+same counted skips (truncated tars, bad members) everywhere. The split by reader and the
 shuffle buffer are the webdataset ideas (``split_by_node``, ``shuffle``), made resumable.
 """
 from __future__ import annotations
@@ -25,7 +31,7 @@ from storage.records import GroundedSample
 from storage.skips import StageCounts
 
 # Stream identifiers mixed into every seed so that sources never share random numbers.
-_MIX, _CURSOR, _SHARD_ORDER, _SHUFFLE = 1, 2, 3, 4
+_MIX, _SHARD_ORDER, _SHUFFLE = 1, 3, 4
 
 
 class MixSampler:
@@ -49,40 +55,6 @@ class MixSampler:
         self.rng.bit_generator.state = state["rng"]
 
 
-class EpochCursor:
-    """Indices into a source of ``size`` records: a new permutation each epoch, shared by
-    all workers (same seed), worker ``rank`` taking positions ``rank, rank + world, ...``.
-
-    A source smaller than the number of workers is read whole by every worker.
-    """
-
-    def __init__(self, size: int, seed: int, rank: int = 0, world: int = 1, tag: int = 0):
-        if size < 1:
-            raise ValueError("empty source")
-        self.size, self.seed, self.rank, self.world, self.tag = size, seed, rank, world, tag
-        self.epoch, self.position = 0, 0
-        self._order = self._epoch_order()
-
-    def _epoch_order(self) -> np.ndarray:
-        perm = np.random.default_rng([self.seed, _CURSOR, self.tag, self.epoch]).permutation(self.size)
-        return perm[self.rank::self.world] if self.size >= self.world else perm
-
-    def next(self) -> int:
-        if self.position >= len(self._order):
-            self.epoch, self.position = self.epoch + 1, 0
-            self._order = self._epoch_order()
-        index = int(self._order[self.position])
-        self.position += 1
-        return index
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
-        self._order = self._epoch_order()
-
-
 def shuffled(items: Iterator, buffer_size: int, rng: np.random.Generator) -> Iterator:
     """Yield ``items`` in a locally shuffled order using a buffer of ``buffer_size``."""
     buffer: list = []
@@ -97,100 +69,143 @@ def shuffled(items: Iterator, buffer_size: int, rng: np.random.Generator) -> Ite
     yield from buffer
 
 
-ShardReader = Callable[[list[str], StageCounts], Iterator[tuple[GroundedSample, bytes]]]
 
 
-def _default_reader(paths: list[str], counts: StageCounts) -> Iterator[tuple[GroundedSample, bytes]]:
+ShardReader = Callable[[str, StageCounts], Iterator[tuple[GroundedSample, bytes]]]
+
+
+def read_shard(path: str, counts: StageCounts) -> Iterator[tuple[GroundedSample, bytes]]:
+    """``(sample, image bytes)`` of one shard file, bad members counted (``storage.shards``)."""
     from storage.shards import iter_shard_samples
-    return iter_shard_samples(paths, counts)
+    return iter_shard_samples([path], counts)
 
 
-class PseudoStream:
-    """An endless, resumable stream of ``(sample, image bytes)`` from pseudo-label shards.
+def interleaved(iterators: list[Iterator]) -> Iterator:
+    """Round-robin over ``iterators`` until every one is exhausted."""
+    live = list(iterators)
+    while live:
+        for it in list(live):
+            item = next(it, None)
+            if item is None:
+                live.remove(it)
+            else:
+                yield item
 
-    Epoch ``e`` visits the shards in an order seeded by (seed, e) that every worker shares;
-    with at least as many shards as workers, worker ``rank`` reads shards ``rank::world``
-    (the shard is the unit of IO), else every worker reads all shards and keeps samples
-    ``rank::world``. Resuming replays the current epoch's reads up to the saved position
-    without decoding images (the cost is reading those tar bytes once more).
 
-    ``counts`` collects the shard reader's skips (truncated tars, bad members).
+class ShardStream:
+    """An endless, resumable stream of ``(shard path, sample, image bytes)`` (module docstring).
+
+    ``tag`` separates the random streams of sources that share a seed; ``counts`` collects the
+    shard reader's counts (reads and skips), replayed reads not counted twice.
     """
 
-    def __init__(self, files: list[str], seed: int, rank: int = 0, world: int = 1,
-                 buffer_size: int = 256, counts: StageCounts | None = None,
-                 reader: ShardReader = _default_reader):
+    def __init__(self, files: list[str], seed: int, rank: int = 0, world: int = 1, tag: int = 0,
+                 group_shards: int = 4, buffer_size: int = 256, counts: StageCounts | None = None,
+                 reader: ShardReader = read_shard):
         if not files:
             raise ValueError("no shard files")
-        self.files, self.seed, self.rank, self.world = list(files), seed, rank, world
-        self.buffer_size, self.reader = buffer_size, reader
+        if group_shards < 1:
+            raise ValueError("group_shards must be >= 1")
+        self.files, self.seed, self.rank, self.world, self.tag = list(files), seed, rank, world, tag
+        self.group_shards, self.buffer_size, self.reader = group_shards, buffer_size, reader
         self.counts = counts if counts is not None else StageCounts()
-        self.epoch, self.position = 0, 0
+        self.epoch, self.taken = 0, 0
+        self.pending, self.stride = self._split(self._epoch_order(0))
         self._items: Iterator | None = None
-        self._replay: tuple[StageCounts, StageCounts] | None = None
 
-    def _epoch_items(self, epoch: int, counts: StageCounts) -> Iterator[tuple[GroundedSample, bytes]]:
-        order = [self.files[i] for i in np.random.default_rng([self.seed, _SHARD_ORDER, epoch]).permutation(len(self.files))]
-        if len(order) >= self.world:
-            mine, stride = order[self.rank::self.world], None
-        else:
-            mine, stride = order, self.world
+    # --------------------------------------------------------------- the plan
 
-        def read() -> Iterator[tuple[GroundedSample, bytes]]:
-            for i, item in enumerate(self.reader(mine, counts)):
-                if stride is None or i % stride == self.rank:
-                    yield item
+    def _epoch_order(self, epoch: int) -> list[int]:
+        rng = np.random.default_rng([self.seed, _SHARD_ORDER, self.tag, epoch])
+        return [int(i) for i in rng.permutation(len(self.files))]
 
-        return shuffled(read(), self.buffer_size, np.random.default_rng([self.seed, _SHUFFLE, self.rank, epoch]))
+    def _split(self, shards: list[int]) -> tuple[list[int], bool]:
+        """This reader's part of ``shards``: its own shards, or all of them read by stride."""
+        if len(shards) >= self.world:
+            return shards[self.rank::self.world], False
+        return list(shards), True
 
-    def _start_epoch(self, skip: int = 0) -> None:
-        if not skip:
-            self._items = self._epoch_items(self.epoch, self.counts)
-            return
-        # Replay: the reads before ``skip`` were counted by the run that made them, so this
-        # epoch reads into a scratch counter and only what comes after the replay is added.
-        scratch = StageCounts(max_logged=0)
-        self._items = self._epoch_items(self.epoch, scratch)
-        for _ in range(skip):
-            next(self._items, None)
-        self._replay = (scratch, StageCounts.from_dict(scratch.to_dict()))
+    def _group_items(self) -> Iterator[tuple[str, GroundedSample, bytes]]:
+        group = self.pending[:self.group_shards]
+        counts = self.counts
 
-    def reader_counts(self) -> StageCounts:
-        """The shard reader's counts for this stream (replayed reads not counted twice)."""
-        total = StageCounts.from_dict(self.counts.to_dict())
-        if self._replay is not None:
-            scratch, baseline = self._replay
-            total.read += scratch.read - baseline.read
-            total.written += scratch.written - baseline.written
-            total.skipped.update(scratch.skipped - baseline.skipped)
-        return total
+        def read(i: int) -> Iterator:
+            path = self.files[i]
+            return ((path, sample, data) for sample, data in self.reader(path, counts))
 
-    def next(self) -> tuple[GroundedSample, bytes]:
-        if self._items is None:
-            self._start_epoch()
-        for _attempt in range(2):
+        items = interleaved([read(i) for i in group])
+        if self.stride:
+            items = (item for n, item in enumerate(items) if n % self.world == self.rank)
+        rng = np.random.default_rng([self.seed, _SHUFFLE, self.tag, self.rank, self.epoch, group[0]])
+        return shuffled(items, self.buffer_size, rng)
+
+    def _next_group(self) -> None:
+        self.pending, self.taken = self.pending[self.group_shards:], 0
+        if not self.pending:
+            self.epoch += 1
+            self.pending, self.stride = self._split(self._epoch_order(self.epoch))
+        self._items = None
+
+    # --------------------------------------------------------------- reading
+
+    def next(self) -> tuple[str, GroundedSample, bytes]:
+        empty_groups = 0
+        while True:
+            if self._items is None:
+                self._items = self._group_items()
             item = next(self._items, None)
             if item is not None:
-                self.position += 1
+                self.taken += 1
                 return item
-            if self.position == 0:
-                break
-            self.epoch, self.position = self.epoch + 1, 0
-            self._fold_replay()
-            self._start_epoch()
-        raise InputError(f"pseudo-label shards yield no sample for worker {self.rank} "
-                         f"({len(self.files)} shard files; skipped: {dict(self.reader_counts().skipped)})")
+            empty_groups = empty_groups + 1 if self.taken == 0 else 0
+            if empty_groups > len(self.files) // max(1, self.group_shards) + 2:   # a whole epoch and more gave nothing
+                raise InputError(f"shards yield no sample for reader {self.rank} of {self.world} "
+                                 f"({len(self.files)} shard files, e.g. {self.files[0]}; "
+                                 f"skipped: {dict(self.counts.skipped)})")
+            self._next_group()
 
-    def _fold_replay(self) -> None:
-        if self._replay is not None:
-            self.counts = self.reader_counts()
-            self._replay = None
+    # --------------------------------------------------------------- resume
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position}
+        return {"epoch": self.epoch, "pending": list(self.pending), "stride": self.stride, "taken": self.taken,
+                "files": len(self.files)}
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
-        self._replay = None
-        self._start_epoch(skip=self.position)
+        """Continue exactly where ``state`` was taken: re-read the current group up to ``taken``."""
+        if int(state.get("files", len(self.files))) != len(self.files):
+            raise InputError(f"the resumed run read {state.get('files')} shard files, this one {len(self.files)}: "
+                             f"resume with the same inputs (or start over with --overwrite)")
+        self.epoch, self.taken = int(state["epoch"]), 0
+        self.pending, self.stride = [int(i) for i in state["pending"]], bool(state["stride"])
+        self._items = None
+        skip = int(state["taken"])
+        if not skip or not self.pending:
+            return
+        # the skipped reads were counted by the run that made them: count them, then take them back
+        before, logging = StageCounts.from_dict(self.counts.to_dict()), self.counts.max_logged
+        self.counts.max_logged = 0
+        self._items = self._group_items()
+        for _ in range(skip):
+            if next(self._items, None) is None:
+                break
+            self.taken += 1
+        self.counts.read, self.counts.written, self.counts.skipped = before.read, before.written, before.skipped
+        self.counts.max_logged = logging
 
+    def resplit(self, states: list[dict]) -> None:
+        """Take this reader's part of what every reader of another split (``states``, one per
+        old reader) still had to read in its epoch; a shard begun but not finished is read whole."""
+        if any(int(s.get("files", len(self.files))) != len(self.files) for s in states):
+            raise InputError("the resumed run read another set of shard files: resume with the same inputs")
+        left: list[int] = []
+        for s in states:
+            for i in s["pending"]:
+                if int(i) not in left:
+                    left.append(int(i))
+        self.epoch = max(int(s["epoch"]) for s in states)
+        self.taken, self._items = 0, None
+        if left:
+            self.pending, self.stride = self._split(left)
+        else:
+            self.epoch += 1
+            self.pending, self.stride = self._split(self._epoch_order(self.epoch))

@@ -1,10 +1,11 @@
-"""Training sources loaded on the driver: gold grounding, detection, pseudo-label shard lists.
+"""Training sources as shard lists: packed gold, packed detection, pseudo-label shards.
 
-Gold and detection annotations are read once here (``storage`` readers), checked against
-the image folders and validated, so bad input fails before any worker starts and every
-skipped record is counted with its reason. Pseudo-label shards stay on disk: only their
-file list travels to the workers, which stream them (``sampling.PseudoStream``). Every path
-is a local path (made absolute here) or a URI; image paths take the form of their root.
+Every source reaches the workers as a list of shard files (``TrainingSources``, kilobytes),
+and each worker streams its own part (``sampling.ShardStream``). ``ANN.json=IMAGES`` inputs
+are packed into the run's folder first (``prepare_sources``), so bad input is counted and
+refused before any training worker starts. ``load_gold`` / ``load_detection`` read small
+annotation files whole, for the held-out sets of ``--eval``. Every path is a local path
+(made absolute here) or a URI.
 """
 from __future__ import annotations
 
@@ -36,14 +37,20 @@ class DetectionImage:
 
 @dataclass
 class TrainingSources:
-    """What the workers sample from; picklable (it travels in the Ray Train config)."""
-    gold: list[GroundedSample] = field(default_factory=list)
-    detection: list[DetectionImage] = field(default_factory=list)
+    """What the workers stream, as shard lists: kilobytes in the Ray Train config, whatever the
+    size of the data. ``vocabularies``: the category names of each packed detection dataset,
+    by its ``storage.packed.vocabulary_path``."""
+    gold_files: list[str] = field(default_factory=list)
+    detection_files: list[str] = field(default_factory=list)
     pseudo_files: list[str] = field(default_factory=list)
-    counts: dict[str, StageCounts] = field(default_factory=dict)   # driver-side loading counts
+    vocabularies: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    counts: dict[str, StageCounts] = field(default_factory=dict)   # driver-side (packing) counts
+
+    def files(self, name: str) -> list[str]:
+        return {"gold": self.gold_files, "detection": self.detection_files, "pseudo": self.pseudo_files}[name]
 
     def available(self) -> dict[str, bool]:
-        return {"gold": bool(self.gold), "pseudo": bool(self.pseudo_files), "detection": bool(self.detection)}
+        return {name: bool(self.files(name)) for name in ("gold", "pseudo", "detection")}
 
 
 def load_gold(specs: list[AnnotatedImages], counts: StageCounts) -> list[GroundedSample]:
@@ -111,18 +118,81 @@ def find_pseudo_shards(paths: list[str]) -> list[str]:
     return sorted(files)
 
 
-def load_sources(gold: list[AnnotatedImages], detection: list[AnnotatedImages],
-                 pseudo: list[str]) -> TrainingSources:
-    """Load and check every source given on the command line (driver side)."""
+def load_vocabularies(detection_files: list[str]) -> dict[str, tuple[str, ...]]:
+    """The vocabulary of every packed detection dataset the shards come from (one listing per folder)."""
+    from storage.packed import VOCABULARY_DIR, read_vocabulary, vocabulary_path
+
+    found: dict[str, tuple[str, ...]] = {}
+    for folder in dict.fromkeys(fs.parent_of(f) for f in detection_files):
+        try:
+            entries = fs.list_dir(fs.join(folder, VOCABULARY_DIR))
+        except FileNotFoundError:
+            raise InputError(f"--detection {folder}: packed detection shards without their {VOCABULARY_DIR}/ "
+                             f"folder; pack the data again with `glipctl pack`") from None
+        for e in entries:
+            if e.name.endswith(".json") and not e.name.startswith("."):
+                dataset = e.name[:-5]
+                found[vocabulary_path(folder, dataset)] = read_vocabulary(folder, dataset)
+    return found
+
+
+def pack_folder(run_out: str, specs: list) -> str:
+    """Where a run packs its ``ANN.json=IMAGES`` inputs: ``OUT/_packed/<digest>``, the digest
+    of the inputs (paths and sizes) so a resumed run finds its pack and other inputs get another."""
+    import hashlib
+    import json
+
+    described = []
+    for spec in specs:
+        sizes = []
+        for path in (spec.annotations, spec.label_map):
+            sizes.append(fs.size_of(path) if path else None)
+        described.append([spec.kind, spec.annotations, spec.image_root, spec.label_map, sizes])
+    digest = hashlib.sha256(json.dumps([described, PACK_SAMPLES_PER_SHARD]).encode()).hexdigest()[:16]
+    return fs.join(run_out, PACKED_DIR, digest)
+
+
+PACKED_DIR = "_packed"
+# Small shards for on-the-fly packs: small data still splits over workers and shuffles well.
+PACK_SAMPLES_PER_SHARD = 64
+
+
+def prepare_sources(gold: list[AnnotatedImages | str], detection: list[AnnotatedImages | str],
+                    pseudo: list[str], run_out: str, workers: int | None = None,
+                    progress: bool = False) -> TrainingSources:
+    """Shard lists of every source given on the command line (driver side; Ray must be up).
+
+    Packed folders and ``.tar`` shards are listed from their manifests; ``ANN.json=IMAGES``
+    inputs are packed first (``pipelines.pack``) into ``pack_folder(run_out, ...)``, once:
+    a resumed run reuses it. Only file names are read here, never records or images.
+    """
+    from storage.packed import packed_shards
+
+    from pipelines.pack import PackOptions, PackSpec, run_pack
+
     sources = TrainingSources(counts={name: StageCounts() for name in ("gold", "detection", "pseudo")})
-    # absolute paths: Ray Train workers need not share the driver's working directory
-    gold = [AnnotatedImages(fs.normalize(g.annotations), fs.normalize(g.image_root)) for g in gold]
-    detection = [AnnotatedImages(fs.normalize(d.annotations), fs.normalize(d.image_root)) for d in detection]
-    pseudo = [fs.normalize(p) for p in pseudo]
-    if gold:
-        sources.gold = load_gold(gold, sources.counts["gold"])
-    if detection:
-        sources.detection = load_detection(detection, sources.counts["detection"])
+    specs = [PackSpec("gold", g.annotations, g.image_root) for g in gold if isinstance(g, AnnotatedImages)]
+    specs += [PackSpec("detection", d.annotations, d.image_root) for d in detection if isinstance(d, AnnotatedImages)]
+    packed_gold = [fs.normalize(g) for g in gold if not isinstance(g, AnnotatedImages)]
+    packed_detection = [fs.normalize(d) for d in detection if not isinstance(d, AnnotatedImages)]
+    if specs:
+        folder = pack_folder(run_out, specs)
+        result = run_pack(specs, folder, PackOptions(samples_per_shard=PACK_SAMPLES_PER_SHARD, workers=workers))
+        for spec, counts in zip(specs, result.dataset_counts()):
+            sources.counts[spec.kind].merge(counts)
+            if not counts.written:
+                where = "--gold" if spec.kind == "gold" else "--detection"
+                raise InputError(f"{where} {spec.annotations}: no usable record (images looked up in "
+                                 f"{spec.image_root}; skipped: {dict(counts.skipped)})")
+        if any(s.kind == "gold" for s in specs):
+            packed_gold.append(folder)
+        if any(s.kind == "detection" for s in specs):
+            packed_detection.append(folder)
+    if packed_gold:
+        sources.gold_files = packed_shards(packed_gold, "grounding", "--gold")
+    if packed_detection:
+        sources.detection_files = packed_shards(packed_detection, "detection", "--detection")
+        sources.vocabularies = load_vocabularies(sources.detection_files)
     if pseudo:
-        sources.pseudo_files = find_pseudo_shards(pseudo)
+        sources.pseudo_files = find_pseudo_shards([fs.normalize(p) for p in pseudo])
     return sources

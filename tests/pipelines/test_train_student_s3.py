@@ -118,13 +118,13 @@ def test_train_student_on_s3_matches_local_and_resumes_from_the_pointer(
     from pipelines.training import AnnotatedImages, TrainOptions
     from pipelines.training.checkpointing import latest_checkpoint, list_checkpoints
     from pipelines.training.loop import run_worker
-    from pipelines.training.sources import load_sources
+    from pipelines.training.sources import prepare_sources
 
     options = TrainOptions(out=out, gold=[AnnotatedImages(f"{gold}/gold.json", f"{gold}/images")],
                            pseudo=[pseudo], model_overrides={"min_size": 48, "max_size": 64}, steps=3,
                            batch_size=2, warmup=1, checkpoint_every=1, keep=1, log_every=1,
                            mix={"gold": 1.0, "pseudo": 2.0, "detection": 1.0})
-    sources = load_sources(options.gold, [], options.pseudo)
+    sources = prepare_sources(options.gold, [], options.pseudo, out)     # the run's own pack, found again
     resumed = run_worker({"options": options, "sources": sources, "out": out,
                           "resume_from": latest_checkpoint(out), "heldout": []})
     assert resumed["start_step"] == 2 and [r["step"] for r in resumed["rows"]] == [3]

@@ -12,10 +12,11 @@ import torch
 from pipelines.training.augment import TrainAugment
 from pipelines.training.feed import MixedFeed, detection_prompt
 from pipelines.training.options import AnnotatedImages, TrainOptions, parse_mix
-from pipelines.training.sampling import EpochCursor, MixSampler, PseudoStream, shuffled
-from pipelines.training.sources import DetectionImage, TrainingSources, load_sources
+from pipelines.training.sampling import MixSampler, ShardStream, read_shard, shuffled
+from pipelines.training.sources import DetectionImage, TrainingSources, find_pseudo_shards
 from storage.errors import InputError
-from training_helpers import make_world, write_pseudo_shards
+from storage.skips import StageCounts
+from training_helpers import make_world, write_detection_shards, write_gold_shards, write_pseudo_shards
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +29,16 @@ def pseudo_dir(world, tmp_path_factory):
     out = tmp_path_factory.mktemp("pseudo")
     write_pseudo_shards(world, out, shards=3, per_shard=4)
     return out
+
+
+@pytest.fixture(scope="module")
+def gold_files(world, tmp_path_factory):
+    return write_gold_shards(world, tmp_path_factory.mktemp("gold"), per_shard=6)
+
+
+@pytest.fixture(scope="module")
+def detection(world, tmp_path_factory):
+    return write_detection_shards(world, tmp_path_factory.mktemp("detection"), per_shard=3)
 
 
 def small_augment() -> TrainAugment:
@@ -93,49 +104,75 @@ def test_mix_sampler_state_round_trip_replays_draws():
     assert [a.next() for _ in range(50)] == [b.next() for _ in range(50)]
 
 
-def test_epoch_cursor_splits_each_epoch_between_workers():
-    cursors = [EpochCursor(10, seed=1, rank=r, world=2) for r in range(2)]
-    epoch0 = [[c.next() for _ in range(5)] for c in cursors]
-    assert sorted(epoch0[0] + epoch0[1]) == list(range(10))
-    epoch1 = [cursors[0].next() for _ in range(5)]
-    assert epoch1 != epoch0[0]    # a new permutation each epoch
-    assert cursors[0].state_dict() == {"epoch": 1, "position": 5}
-    replay = EpochCursor(10, seed=1, rank=0, world=2)
-    replay.load_state_dict({"epoch": 1, "position": 2})
-    assert [replay.next() for _ in range(3)] == epoch1[2:]
-
-
 def test_shuffled_keeps_every_item():
     out = list(shuffled(iter(range(100)), 16, np.random.default_rng(0)))
     assert sorted(out) == list(range(100)) and out != list(range(100))
 
 
-def test_pseudo_stream_splits_shards_between_workers_and_resumes(pseudo_dir):
+def keys_of(stream: ShardStream, n: int) -> list[str]:
+    return [stream.next()[1].key for _ in range(n)]
+
+
+def test_shard_stream_splits_shards_between_readers_and_wraps(pseudo_dir):
     files = sorted(str(p) for p in pseudo_dir.glob("*.tar"))
     assert len(files) == 3
-    streams = [PseudoStream(files, seed=0, rank=r, world=2, buffer_size=4) for r in range(2)]
-    # one epoch: worker 0 reads 2 shards, worker 1 one shard (shard-level split)
-    first = [[s.next()[0].key for _ in range(n)] for s, n in zip(streams, (8, 4))]
+    streams = [ShardStream(files, seed=0, rank=r, world=2, buffer_size=4) for r in range(2)]
+    # one epoch: reader 0 reads 2 shards, reader 1 one shard (shard-level split)
+    first = [keys_of(s, n) for s, n in zip(streams, (8, 4))]
     assert not set(first[0]) & set(first[1])
     assert len(set(first[0]) | set(first[1])) == 12
     streams[1].next()
     assert streams[1].epoch == 1   # endless: wrapped to the next epoch (new shard order)
-    # resume mid-epoch: the same next samples
-    a = PseudoStream(files, seed=0, rank=0, world=1, buffer_size=4)
-    for _ in range(5):
-        a.next()
-    b = PseudoStream(files, seed=0, rank=0, world=1, buffer_size=4)
-    b.load_state_dict(a.state_dict())
-    read_before = a.reader_counts().read
-    assert [a.next()[0].key for _ in range(10)] == [b.next()[0].key for _ in range(10)]
-    # the replayed reads are not counted again: the two runs together read what one did
-    assert read_before + b.reader_counts().read == a.reader_counts().read
 
 
-def test_pseudo_stream_with_fewer_shards_than_workers_splits_samples(pseudo_dir):
+def test_shard_stream_with_fewer_shards_than_readers_splits_samples(pseudo_dir):
     one = [str(sorted(pseudo_dir.glob("*.tar"))[0])]
-    keys = [[PseudoStream(one, seed=0, rank=r, world=3).next()[0].key] for r in range(3)]
-    assert len({k[0] for k in keys}) == 3
+    keys = [keys_of(ShardStream(one, seed=0, rank=r, world=3), 1)[0] for r in range(3)]
+    assert len(set(keys)) == 3
+
+
+class CountingReader:
+    """``read_shard`` that counts the samples it hands out (how much a resume re-reads)."""
+
+    def __init__(self):
+        self.samples = 0
+
+    def __call__(self, path, counts):
+        for item in read_shard(path, counts):
+            self.samples += 1
+            yield item
+
+
+def test_shard_stream_resumes_exactly_rereading_only_its_current_group(gold_files):
+    assert len(gold_files) == 4                       # 24 gold samples, 6 per shard
+    a = ShardStream(gold_files, seed=0, group_shards=2, buffer_size=4)
+    keys_of(a, 30)                                    # epoch 1, second group, 6 samples in
+    assert (a.epoch, a.taken) == (1, 6)
+    reader = CountingReader()
+    b = ShardStream(gold_files, seed=0, group_shards=2, buffer_size=4, reader=reader)
+    b.load_state_dict(a.state_dict())
+    read_before = a.counts.read
+    assert keys_of(a, 30) == keys_of(b, 30)
+    # the replay read the 6 samples taken plus what the buffer held ahead, never the 24 before them
+    assert reader.samples - 30 <= 6 + 4 + 2
+    # the replayed reads are not counted again (the counts travel in the feed's state, not here):
+    # b, starting from zero, counts exactly what a counted over the same 30 samples
+    assert b.counts.read == a.counts.read - read_before > 0
+
+
+def test_shard_stream_resplit_reads_every_shard_left_in_the_epoch(gold_files):
+    old = [ShardStream(gold_files, seed=3, rank=r, world=2, group_shards=1, buffer_size=2) for r in range(2)]
+    taken = set(keys_of(old[0], 7) + keys_of(old[1], 2))      # reader 0: one shard done, one begun
+    epoch_keys = {s.key for f in gold_files for s, _ in read_shard(f, StageCounts())}
+    new = [ShardStream(gold_files, seed=3, rank=r, world=3, group_shards=1, buffer_size=2) for r in range(3)]
+    for stream in new:
+        stream.resplit([o.state_dict() for o in old])
+    assert sum(len(s.pending) for s in new) == 3              # the finished shard is not read again
+    rest = [keys_of(s, 6 * len(s.pending)) for s in new]
+    assert all(s.epoch == 0 for s in new)
+    left = set().union(*map(set, rest))
+    assert left | taken == epoch_keys                         # nothing of the epoch is lost
+    assert len(left & taken) <= 7                             # only the shards begun are read again
 
 
 def test_truncated_shard_is_a_counted_skip(pseudo_dir, tmp_path):
@@ -143,41 +180,14 @@ def test_truncated_shard_is_a_counted_skip(pseudo_dir, tmp_path):
     bad = tmp_path / "bad-00000.tar"
     data = good.read_bytes()
     bad.write_bytes(data[: len(data) // 2])
-    stream = PseudoStream([str(bad), str(good)], seed=0, buffer_size=2)
-    keys = [stream.next()[0].key for _ in range(6)]
-    assert len(keys) == 6
-    assert sum(stream.reader_counts().skipped.values()) >= 1
-
-
-# ----------------------------------------------------------------------------- sources
-
-def test_missing_gold_images_are_counted_and_all_missing_is_an_error(world, tmp_path):
-    images = sorted(world.gold_images.glob("*.jpg"))
-    partial = tmp_path / "partial"
-    partial.mkdir()
-    for p in images[:-5]:
-        os.link(p, partial / p.name)
-    sources = load_sources([AnnotatedImages(str(world.gold_json), str(partial))], [], [])
-    assert len(sources.gold) == len(images) - 5
-    assert sources.counts["gold"].skipped["missing_image"] == 5
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    with pytest.raises(InputError, match="no usable sample"):
-        load_sources([AnnotatedImages(str(world.gold_json), str(empty))], [], [])
+    stream = ShardStream([str(bad), str(good)], seed=0, buffer_size=2)
+    assert len(keys_of(stream, 6)) == 6
+    assert stream.counts.skipped["truncated_tar"] >= 1
 
 
 def test_empty_pseudo_folder_is_an_input_error(tmp_path):
     with pytest.raises(InputError, match="no .tar"):
-        load_sources([], [], [str(tmp_path)])
-
-
-def test_detection_images_merge_prompts_and_keep_the_vocabulary(world):
-    sources = load_sources([], [AnnotatedImages(str(world.eval_coco_json), str(world.eval_images))], [])
-    assert len(sources.detection) == 8
-    vocab = sources.detection[0].categories
-    assert set(vocab) == {"circle", "square", "triangle", "star", "heart", "cross"}
-    coco = json.loads(world.eval_coco_json.read_text())
-    assert sum(len(d.boxes) for d in sources.detection) == len(coco["annotations"])
+        find_pseudo_shards([str(tmp_path)])
 
 
 def test_detection_prompt_names_positives_and_negatives():
@@ -204,13 +214,14 @@ def test_detection_prompt_names_positives_and_negatives():
 
 # ----------------------------------------------------------------------------- feed
 
-def test_feed_mix_ratio_and_bad_records(world, pseudo_dir):
-    sources = load_sources([AnnotatedImages(str(world.gold_json), str(world.gold_images))], [], [str(pseudo_dir)])
+def test_feed_mix_ratio_and_bad_records(gold_files, pseudo_dir, detection):
+    sources = TrainingSources(gold_files=gold_files, pseudo_files=find_pseudo_shards([str(pseudo_dir)]),
+                              detection_files=detection[0], vocabularies=detection[1])
     feed = MixedFeed(sources, {"gold": 1.0, "pseudo": 3.0, "detection": 1.0}, small_augment(), seed=0,
                      pseudo_min_score=0.5, shuffle_buffer=4)
-    examples = feed.next_batch(160)
+    examples = feed.next_batch(200)
     share = sum(e.source == "pseudo" for e in examples) / len(examples)
-    assert abs(share - 0.75) < 0.1
+    assert abs(share - 0.6) < 0.1
     for e in examples:
         assert e.image.dtype == torch.float32 and e.image.shape[0] == 3 and min(e.image.shape[1:]) <= 48
         assert e.boxes.shape[0] == len(e.tokens_positive) >= 1
@@ -220,10 +231,15 @@ def test_feed_mix_ratio_and_bad_records(world, pseudo_dir):
     # pseudo boxes scored 0.3 are filtered: single-object samples whose only box is 0.9 survive
     assert counts["pseudo"]["written"] == sum(e.source == "pseudo" for e in examples)
     assert counts["pseudo"]["read"] >= counts["pseudo"]["written"]
+    assert counts["_reader_gold"]["read"] >= counts["gold"]["read"]
+    # detection prompts name the image's categories and draw negatives from the whole vocabulary
+    vocabulary = set(next(iter(detection[1].values())))
+    named = [set(e.caption.rstrip(".").split(". ")) for e in examples if e.source == "detection"]
+    assert named and all(n <= vocabulary for n in named) and len(set().union(*named)) == len(vocabulary)
 
 
-def test_feed_skips_unusable_records_and_resumes_exactly(world, pseudo_dir, tmp_path):
-    sources = load_sources([AnnotatedImages(str(world.gold_json), str(world.gold_images))], [], [str(pseudo_dir)])
+def test_feed_skips_unusable_records_and_resumes_exactly(gold_files, pseudo_dir, tmp_path):
+    sources = TrainingSources(gold_files=gold_files, pseudo_files=find_pseudo_shards([str(pseudo_dir)]))
     # a pseudo threshold no box reaches: every pseudo record is a counted skip, gold carries on
     only_gold = MixedFeed(sources, {"gold": 1.0, "pseudo": 0.0}, small_augment(), seed=0)
     assert {e.source for e in only_gold.next_batch(4)} == {"gold"}
@@ -231,33 +247,46 @@ def test_feed_skips_unusable_records_and_resumes_exactly(world, pseudo_dir, tmp_
     with pytest.raises(InputError, match="no usable record"):
         starved.next_example()
     assert starved.counts["pseudo"].skipped["no_box_above_min_score"] >= 1000
-    # a gold image that vanished after loading: skipped, counted, the next record is used
-    gold0 = sources.gold[0]
-    gold0.extra = {**gold0.extra, "image_path": str(tmp_path / "gone.jpg")}
-    lonely = MixedFeed(TrainingSources(gold=[gold0] + sources.gold[1:3]), {"gold": 1.0}, small_augment(), seed=0)
-    lonely.next_batch(6)
-    assert lonely.counts["gold"].skipped["missing_image"] >= 1
-    # resume: same state -> same examples (torch RNG drives the augmentation)
+    # a detection sample whose vocabulary is unknown: skipped and counted, the run does not crash
+    from storage.packed import detection_sample
+    from storage.shards import ShardWriter
+    with ShardWriter(tmp_path, "lost") as writer:
+        writer.write(detection_sample("d0", 32, 24, [([0, 0, 8, 8], "dog")], "det/x", "nowhere"), _jpeg(32, 24))
+    lost = MixedFeed(TrainingSources(detection_files=[str(tmp_path / writer.outputs[0])]), {"detection": 1.0},
+                     small_augment(), seed=0)
+    with pytest.raises(InputError, match="no usable record"):
+        lost.next_example()
+    assert lost.counts["detection"].skipped["unknown_vocabulary"] >= 1000
+    # resume: same state -> same examples, whatever the global torch RNG does meanwhile
     a = MixedFeed(sources, {"gold": 1.0, "pseudo": 1.0}, small_augment(), seed=1, shuffle_buffer=4)
     a.next_batch(5)
-    state, rng = a.state_dict(), torch.get_rng_state()
+    state = a.state_dict()
     b = MixedFeed(sources, {"gold": 1.0, "pseudo": 1.0}, small_augment(), seed=1, shuffle_buffer=4)
     b.load_state_dict(state)
     after_a = a.next_batch(6)
-    torch.set_rng_state(rng)
+    torch.manual_seed(12345)
     after_b = b.next_batch(6)
     assert [e.key for e in after_a] == [e.key for e in after_b]
     assert all(torch.equal(x.image, y.image) for x, y in zip(after_a, after_b))
+    assert b.all_counts() == a.all_counts()
 
 
-def test_feed_leaves_phrases_without_a_kept_box_out_of_the_loss(world, pseudo_dir):
+def _jpeg(width: int, height: int) -> bytes:
+    import io
+
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), (10, 200, 30)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def test_feed_leaves_phrases_without_a_kept_box_out_of_the_loss(world, gold_files, pseudo_dir):
     """Box j of a test pseudo sample scores 0.9 or 0.3 by parity; at --pseudo-min-score 0.5 the phrases of
     the dropped boxes are unknown ("ignore"), or negatives as in gold captions ("negative")."""
     from storage.shards import iter_shard_samples
-    from storage.skips import StageCounts
 
     records = {s.key: s for s, _ in iter_shard_samples([str(pseudo_dir)], StageCounts())}
-    sources = load_sources([AnnotatedImages(str(world.gold_json), str(world.gold_images))], [], [str(pseudo_dir)])
+    sources = TrainingSources(gold_files=gold_files, pseudo_files=find_pseudo_shards([str(pseudo_dir)]))
     for mode in ("ignore", "negative"):
         feed = MixedFeed(sources, {"gold": 1.0, "pseudo": 1.0}, small_augment(), seed=0, pseudo_min_score=0.5,
                          pseudo_unboxed=mode, shuffle_buffer=4)

@@ -13,8 +13,8 @@ from pipelines.training.checkpointing import checkpoint_dir, list_checkpoints, l
 from pipelines.training.loop import (TrainingDiverged, error_from_stop_record, read_metrics, run_restartable_worker,
                                      run_worker)
 from pipelines.training.options import AnnotatedImages, TrainOptions
-from pipelines.training.sources import load_sources
-from training_helpers import make_world, write_pseudo_shards
+from pipelines.training.sources import TrainingSources, find_pseudo_shards
+from training_helpers import make_world, write_gold_shards, write_pseudo_shards
 
 
 def _run(options: TrainOptions, sources, resume_from=None):
@@ -32,12 +32,13 @@ def test_resume_continues_the_loss_curve_and_nan_keeps_the_last_good_checkpoint(
                             pseudo=[str(tmp_path / "pseudo")], model_overrides={"min_size": 48, "max_size": 64},
                             steps=steps, batch_size=2, warmup=1, checkpoint_every=1, log_every=1, seed=3)
 
-    sources = load_sources(options("straight", 2).gold, [], options("straight", 2).pseudo)
+    sources = TrainingSources(gold_files=write_gold_shards(world, tmp_path / "gold", per_shard=2),
+                              pseudo_files=find_pseudo_shards([str(tmp_path / "pseudo")]))
     straight = _run(options("straight", 2), sources)
     _run(options("resumed", 1), sources)
     state = load_train_state(checkpoint_dir(tmp_path / "resumed", 1))
     assert state["step"] == 1 and state["world_size"] == 1 and state["scheduler"]["last_epoch"] == 1
-    assert state["ranks"][0]["feed"]["pseudo"] is not None
+    assert state["ranks"][0]["feed"]["feeds"][0]["streams"]["pseudo"]["pending"]   # the data position
     resumed = _run(options("resumed", 2), sources, checkpoint_dir(tmp_path / "resumed", 1))
     assert resumed["start_step"] == 1 and [r["step"] for r in resumed["rows"]] == [2]
     # same weights, optimizer, schedule, data position and RNG: step 2 is the same step
@@ -82,7 +83,7 @@ def test_held_out_evaluation_of_a_grounding_file(tmp_path):
 
     world = make_world(tmp_path / "world", gold_images=2)
     held = HeldOutSet.load(AnnotatedImages(str(world.eval_grounding_json), str(world.eval_images)), StageCounts())
-    assert not held.detection and len(held.sources.gold) == 8
+    assert not held.detection and len(held.records) == 8
     model = GLIP.from_preset("tiny", min_size=48, max_size=64).train()
     # the optimizer's text side is the model's own: the language backbone and the fusion's BERT layers
     from pipelines.training.schedule import text_parameter_ids

@@ -38,3 +38,38 @@ def write_pseudo_shards(world: WorldPaths, out_dir: Path, shards: int = 3, per_s
                 writer.write(pseudo, Path(s.extra["image_path"]).read_bytes())
                 keys.append(pseudo.key)
     return keys
+
+
+def write_gold_shards(world: WorldPaths, out_dir: Path, per_shard: int = 8) -> list[str]:
+    """The world's gold samples as grounding shards of ``per_shard`` (what `glipctl pack` writes,
+    without its manifest); returns the tar paths."""
+    samples = gold_samples(world)
+    files = []
+    for start in range(0, len(samples), per_shard):
+        with ShardWriter(out_dir, f"gold-{start // per_shard:05d}") as writer:
+            for s in samples[start:start + per_shard]:
+                image = Path(s.extra.pop("image_path")).read_bytes()
+                writer.write(s, image)
+        files += [str(out_dir / name) for name in writer.outputs]
+    return files
+
+
+def write_detection_shards(world: WorldPaths, out_dir: Path, per_shard: int = 4) -> tuple[list[str], dict]:
+    """The world's COCO eval images as packed detection shards plus their vocabulary file;
+    returns (tar paths, ``TrainingSources.vocabularies``)."""
+    from storage.packed import detection_sample, vocabulary_path, write_vocabulary
+
+    from pipelines.training.sources import load_detection
+    from pipelines.training.options import AnnotatedImages
+
+    images = load_detection([AnnotatedImages(str(world.eval_coco_json), str(world.eval_images))], StageCounts())
+    vocabulary = images[0].categories
+    write_vocabulary(str(out_dir), "eval", list(vocabulary))
+    files = []
+    for start in range(0, len(images), per_shard):
+        with ShardWriter(out_dir, f"eval-{start // per_shard:05d}") as writer:
+            for d in images[start:start + per_shard]:
+                sample = detection_sample(d.key, d.width, d.height, d.boxes, d.source, "eval")
+                writer.write(sample, Path(d.image_path).read_bytes())
+        files += [str(out_dir / name) for name in writer.outputs]
+    return files, {vocabulary_path(str(out_dir), "eval"): tuple(vocabulary)}
