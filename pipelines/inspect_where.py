@@ -15,6 +15,9 @@ Columns are those of the box view (``key``, ``phrase``, ``source``, ``file``,
 
 ``compile_where(text)`` returns a function ``RecordBatch -> BooleanArray`` built from
 ``pyarrow.compute`` calls; mistakes are ``InputError`` (exit 2) with the position.
+Parentheses and ``not`` nest at most ``MAX_DEPTH`` levels (together): the parser and the
+compiled predicate recurse once per level, so a hostile filter (hundreds of ``(``) is an
+``InputError`` naming the limit, not a ``RecursionError``.
 """
 from __future__ import annotations
 
@@ -27,6 +30,8 @@ import pyarrow.compute as pc
 from storage.errors import InputError
 
 Predicate = Callable[[pa.RecordBatch], pa.Array]
+
+MAX_DEPTH = 100     # nested "(" and "not" levels; each costs ~3 parser frames and 1 predicate frame
 
 STRING_COLUMNS = ("key", "phrase", "source", "file")
 NUMBER_COLUMNS = ("score", "box_index", "x", "y", "w", "h", "area")
@@ -80,6 +85,7 @@ class _Parser:
         self.text = text
         self.tokens = _tokenize(text)
         self.i = 0
+        self.depth = 0
 
     def error(self, message: str) -> InputError:
         at = self.tokens[self.i][2] if self.i < len(self.tokens) else len(self.text)
@@ -123,15 +129,27 @@ class _Parser:
             parts.append(self.not_expr())
         return parts[0] if len(parts) == 1 else _fold(pc.and_kleene, parts)
 
+    def _deeper(self) -> None:
+        """Enter one more "(" or "not" level; refuse past ``MAX_DEPTH`` (before Python's own limit)."""
+        self.depth += 1
+        if self.depth > MAX_DEPTH:
+            at = self.tokens[self.i][2]
+            raise InputError(f"--where: parentheses and 'not' nest deeper than {MAX_DEPTH} levels "
+                             f"(at position {at} of {len(self.text)} characters)")
+
     def not_expr(self) -> Predicate:
         if self.at("keyword", "not"):
+            self._deeper()
             self.i += 1
             inner = self.not_expr()
+            self.depth -= 1
             return lambda b: pc.invert(inner(b))
         if self.at("punct", "("):
+            self._deeper()
             self.i += 1
             inner = self.expr()
             self.take("punct", ")")
+            self.depth -= 1
             return inner
         return self.test()
 

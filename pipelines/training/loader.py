@@ -145,5 +145,8 @@ class WorkerBatches:
         return merge_counts([s.get("counts") or {} for s in self.states])
 
     def close(self) -> None:
-        """Stop the loader processes (a DataLoader iterator shuts them down when released)."""
-        self._iterator = None
+        """Stop and join the loader processes."""
+        iterator, self._iterator = self._iterator, None
+        shutdown = getattr(iterator, "_shutdown_workers", None)   # DataLoader's own clean-up, also run by its __del__
+        if shutdown is not None:
+            shutdown()

@@ -204,10 +204,15 @@ def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
 
 
 def peak_memory_mb(device: torch.device) -> dict[str, float]:
-    """This process's peak resident memory (and peak CUDA allocation on a GPU), in MiB."""
+    """This process's peak resident memory, the largest of its finished data-loader processes'
+    (``loader_rss``, once ``WorkerBatches.close`` joined them) and, on a GPU, the peak CUDA
+    allocation, in MiB."""
     import resource
 
     peak = {"rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}   # Linux: KiB
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    if children:
+        peak["loader_rss"] = children
     if device.type == "cuda":
         peak["cuda"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
     return peak

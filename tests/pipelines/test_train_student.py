@@ -55,9 +55,12 @@ def _ok(result):
 
 
 def test_one_worker_gold_pseudo_detection_then_resume(cli, ray_session, world, pseudo_dir, tmp_path):
+    # detection data packed once by `glipctl pack`; gold given as ANN=IMAGES, packed by the run itself
+    packed = tmp_path / "packed"
+    _ok(cli("pack", "--detection", world.eval_coco_arg, "--out", str(packed), "--samples-per-shard", "3"))
     out = tmp_path / "student"
     args = ["train-student", "--gold", world.gold_arg, "--pseudo", str(pseudo_dir),
-            "--detection", world.eval_coco_arg, "--mix", "gold=1,pseudo=2,detection=1",
+            "--detection", str(packed), "--mix", "gold=1,pseudo=2,detection=3",
             "--pseudo-min-score", "0.5", "--out", str(out), "--batch-size", "2", "--warmup", "1",
             "--checkpoint-every", "2", "--keep", "2", "--log-every", "1", *SIZE]
     _ok(cli(*args, "--steps", "3"))
@@ -74,6 +77,8 @@ def test_one_worker_gold_pseudo_detection_then_resume(cli, ray_session, world, p
     pseudo_skips = shards["pseudo"]["counts"]["skipped"]
     assert any("trunc" in reason for reason in pseudo_skips), pseudo_skips          # the cut tar: counted
     assert pseudo_skips.get("box_outside_image", 0) >= 1                           # the bad box: counted
+    assert shards["detection"]["counts"]["written"] >= 1 and shards["detection"]["counts"]["read"] >= 1
+    assert len(list((out / "_packed").iterdir())) == 1                             # the run's own pack of --gold
 
     # the top of --out is a checkpoint that loads and predicts
     from PIL import Image
@@ -100,22 +105,50 @@ def test_one_worker_gold_pseudo_detection_then_resume(cli, ray_session, world, p
     assert json.loads((out / "_manifest.json").read_text())["options"]["reached_step"] == 4
 
 
-def test_two_workers_gold_only_with_evaluation(ray_session, world, tmp_path):
+def test_two_workers_with_evaluation_heal_and_resume_exactly(ray_session, world, tmp_path, monkeypatch, caplog):
     from glip import GLIP
     from pipelines.training import AnnotatedImages, TrainOptions, train
+    from pipelines.training.loop import FAULT_ENV, run_worker
+    from pipelines.training.sources import prepare_sources
 
-    result = train(TrainOptions(
-        out=str(tmp_path / "teacher"), gold=[AnnotatedImages(str(world.gold_json), str(world.gold_images))],
-        model_overrides={"min_size": 48, "max_size": 64}, steps=2, batch_size=1, warmup=0, workers=2,
-        checkpoint_every=0, log_every=1, eval=[AnnotatedImages(str(world.eval_coco_json), str(world.eval_images))],
-        eval_every=2, eval_samples=4), progress=False)
-    assert result.step == 2 and result.start_step == 0
-    assert result.counts["gold"]["written"] == 2 * 1 * 2          # steps x batch x workers
-    assert result.counts["gold"]["read"] >= 4                     # the samples both workers read from the shards
+    def options(out: str, **extra) -> TrainOptions:
+        return TrainOptions(
+            out=str(tmp_path / out), gold=[AnnotatedImages(str(world.gold_json), str(world.gold_images))],
+            model_overrides={"min_size": 48, "max_size": 64}, steps=3, batch_size=1, warmup=0, workers=2,
+            checkpoint_every=1, keep=3, log_every=1, seed=5, **extra)
+
+    result = train(options("teacher", eval=[AnnotatedImages(str(world.eval_coco_json), str(world.eval_images))],
+                           eval_every=3, eval_samples=4), progress=False)
+    assert result.step == 3 and result.start_step == 0
+    assert result.counts["gold"]["written"] == 3 * 1 * 2          # steps x batch x workers
+    assert result.counts["gold"]["read"] >= 6                     # the samples both workers read from the shards
     last = result.metrics[-1]
-    assert last["step"] == 2 and "eval_loss" in last and 0.0 <= last["eval_AP"] <= 1.0
-    assert [s for s, _ in list_checkpoints(result.out)] == [2]
+    assert last["step"] == 3 and "eval_loss" in last and 0.0 <= last["eval_AP"] <= 1.0
+    assert [s for s, _ in list_checkpoints(result.out)] == [1, 2, 3]
     assert GLIP.from_pretrained(result.out).config.min_size == 48
+
+    # the same run whose worker process dies after step 2: the restarted group resumes from a checkpoint
+    # with both workers' data positions and RNG, so every logged step equals the undisturbed run's
+    monkeypatch.setenv(FAULT_ENV, f"2:{tmp_path / 'killed'}")
+    healed = train(options("healed", max_failures=1), progress=False)
+    monkeypatch.delenv(FAULT_ENV)
+    assert (tmp_path / "killed").exists() and healed.step == 3
+    rows = read_metrics(tmp_path / "healed" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for mine, plain in zip(rows, result.metrics, strict=True):
+        for term in (*LOSS_TERMS, "lr"):
+            assert mine[term] == pytest.approx(plain[term], rel=1e-4, abs=1e-6), (mine["step"], term)
+
+    # resumed with another worker count (one, in-process): the shards left are split anew, and the run
+    # continues at the next step
+    one = options("healed", resume=True)
+    one.workers, one.steps = 1, 4
+    state_before = load_train_state(tmp_path / "healed")
+    resumed = run_worker({"options": one, "sources": prepare_sources(one.gold, [], [], one.out), "out": one.out,
+                          "resume_from": str(list_checkpoints(tmp_path / "healed")[-1][1]), "heldout": []})
+    assert "split anew" in caplog.text
+    assert resumed["start_step"] == 3 and [r["step"] for r in resumed["rows"]] == [4]
+    assert state_before["world_size"] == 2 and load_train_state(tmp_path / "healed")["world_size"] == 1
 
 
 def test_a_lost_worker_is_restarted_from_the_newest_checkpoint_and_ends_at_the_requested_step(
