@@ -75,8 +75,10 @@ def coco_metrics(coco_gt, detections: list[dict[str, Any]], image_ids: Iterable[
     """COCOeval bbox metrics for ``detections`` (COCO result dicts: image_id, category_id, bbox, score).
 
     ``coco_gt`` is a ``pycocotools.coco.COCO`` or a path to the annotation JSON. Returns AP, AP50,
-    AP75, APs, APm, APl (fractions in [0, 1]; -1 where COCO has nothing to measure) and
-    ``per_category``: {category name: AP}. With no detections at all every AP is 0.
+    AP75, APs, APm, APl (fractions in [0, 1]; -1 where COCO has nothing to measure, e.g. APl
+    without any large object) and ``per_category``: {category name: AP, -1 for a category
+    without ground truth in these images}. No detections at all are evaluated by COCOeval too
+    (an empty result set): 0 where there are objects to find, -1 where there are none.
     """
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
@@ -87,11 +89,9 @@ def coco_metrics(coco_gt, detections: list[dict[str, Any]], image_ids: Iterable[
         coco_gt = load_coco_api(coco_gt)
     ids = sorted(coco_gt.getImgIds() if image_ids is None else set(image_ids))
     names = {c["id"]: c["name"] for c in coco_gt.loadCats(coco_gt.getCatIds())}
-    if not detections:
-        return {**{k: 0.0 for k in COCO_STAT_NAMES}, "per_category": {n: 0.0 for n in names.values()},
-                "images": len(ids), "detections": 0}
     with contextlib.redirect_stdout(io.StringIO()):
-        coco_dt = coco_gt.loadRes([dict(d) for d in detections])
+        # pycocotools' loadRes cannot take an empty list (it reads the first result's keys)
+        coco_dt = coco_gt.loadRes([dict(d) for d in detections]) if detections else _no_results(coco_gt)
         ev = COCOeval(coco_gt, coco_dt, iouType="bbox")
         ev.params.imgIds = ids
         ev.evaluate()
@@ -109,6 +109,17 @@ def coco_metrics(coco_gt, detections: list[dict[str, Any]], image_ids: Iterable[
     out["images"] = len(ids)
     out["detections"] = len(detections)
     return out
+
+
+def _no_results(coco_gt):
+    """An empty COCO result set over ``coco_gt``'s images and categories (what ``loadRes`` would give)."""
+    from pycocotools.coco import COCO
+
+    empty = COCO()
+    empty.dataset = {"images": list(coco_gt.dataset.get("images", [])), "annotations": [],
+                     "categories": list(coco_gt.dataset.get("categories", []))}
+    empty.createIndex()
+    return empty
 
 
 def recall_at_k(predictions: list[list[list[float]]], ground_truth: list[list[list[float]]],

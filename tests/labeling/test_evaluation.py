@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -47,6 +48,116 @@ def test_perfect_detections_score_one_and_shifted_lower(coco_set):
     assert shifted["AP"] < 0.9
     assert shifted["AP75"] < perfect["AP75"]
     assert coco_metrics(path, [])["AP"] == 0.0
+
+
+# ----------------------------------------------------------------------------- against COCOeval itself
+
+STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+
+def cocoeval_stats(dataset: dict, detections: list[dict], cat_ids=None, img_ids=None) -> dict[str, float]:
+    """pycocotools' own numbers, computed here without labeling.evaluation: stats[0:6] of COCOeval,
+    restricted to ``cat_ids`` (``params.catIds``) and ``img_ids`` when given."""
+    import contextlib
+    import copy
+    import io
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO()
+        gt.dataset = copy.deepcopy(dataset)
+        gt.createIndex()
+        ev = COCOeval(gt, gt.loadRes(copy.deepcopy(detections)), iouType="bbox")
+        if cat_ids is not None:
+            ev.params.catIds = list(cat_ids)
+        if img_ids is not None:
+            ev.params.imgIds = list(img_ids)
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return {k: float(v) for k, v in zip(STATS, ev.stats[:6])}
+
+
+MIXED_CATS = [{"id": 3, "name": "circle"}, {"id": 1, "name": "square"}, {"id": 7, "name": "star"},
+              {"id": 12, "name": "heart"}, {"id": 9, "name": "cross"}]   # unsorted ids; no cross in the data
+
+
+@pytest.fixture
+def mixed_case(tmp_path):
+    """Six 200x200 images, 4 categories with objects of all three COCO sizes, and detections of every kind:
+    tight and loose hits at mixed scores, misses, duplicates, false positives of high score, wrong categories,
+    a category without ground truth. Seeded, so the numbers are fixed; none is 0 or 1."""
+    rng = np.random.default_rng(17)
+    images, anns, dets = [], [], []
+    sizes = [(10, 12), (20, 25), (30, 30), (40, 50), (60, 70), (110, 120), (150, 100)]  # small .. large
+    for image_id in range(1, 7):
+        images.append({"id": image_id, "file_name": f"im{image_id}.jpg", "width": 200, "height": 200})
+        for _ in range(int(rng.integers(2, 6))):
+            cat = int(rng.choice([3, 1, 7, 12], p=[0.35, 0.3, 0.2, 0.15]))
+            w, h = sizes[int(rng.integers(len(sizes)))]
+            x, y = float(rng.integers(0, 200 - w)), float(rng.integers(0, 200 - h))
+            anns.append({"id": len(anns) + 1, "image_id": image_id, "category_id": cat, "bbox": [x, y, w, h],
+                         "area": float(w * h), "iscrowd": 0})
+            kind = rng.random()
+            if kind < 0.2:
+                continue                                                        # a miss
+            jitter = 0.02 if kind < 0.55 else 0.15                              # tight or loose
+            box = [x + rng.normal(0, jitter * w), y + rng.normal(0, jitter * h),
+                   w * (1 + rng.normal(0, jitter)), h * (1 + rng.normal(0, jitter))]
+            dets.append({"image_id": image_id, "category_id": cat, "bbox": box, "score": float(rng.random())})
+            if kind > 0.85:                                                     # a duplicate, lower score
+                dets.append({**dets[-1], "score": dets[-1]["score"] * 0.5})
+        for _ in range(int(rng.integers(1, 4))):                                # false positives
+            w, h = sizes[int(rng.integers(len(sizes)))]
+            dets.append({"image_id": image_id, "category_id": int(rng.choice([3, 1, 7, 12, 9])),
+                         "bbox": [float(rng.integers(0, 200 - w)), float(rng.integers(0, 200 - h)), w, h],
+                         "score": float(rng.random())})
+    dataset = {"images": images, "annotations": anns, "categories": MIXED_CATS}
+    path = tmp_path / "mixed.json"
+    path.write_text(json.dumps(dataset))
+    return path, dataset, dets
+
+
+def test_ap_and_per_category_ap_equal_cocoeval_on_a_mixed_case(mixed_case):
+    path, dataset, dets = mixed_case
+    ours = coco_metrics(path, dets)
+    theirs = cocoeval_stats(dataset, dets)
+    for name in STATS:
+        assert ours[name] == pytest.approx(theirs[name], abs=1e-12), name
+    assert all(0.05 < theirs[n] < 0.95 for n in STATS), theirs          # non-trivial, every size present
+    expected = {c["name"]: cocoeval_stats(dataset, dets, cat_ids=[c["id"]])["AP"] for c in MIXED_CATS}
+    assert ours["per_category"] == pytest.approx(expected, abs=1e-12)
+    assert expected["cross"] == -1.0                                    # no ground truth: COCOeval's -1
+    named = [v for k, v in expected.items() if k != "cross"]
+    assert len({round(v, 6) for v in named}) == 4 and all(0 < v < 1 for v in named), expected
+    # on a subset of the images (as evaluate passes the images it could read)
+    subset = [2, 3, 5]
+    ours = coco_metrics(path, dets, image_ids=subset)
+    assert ours["AP"] == pytest.approx(cocoeval_stats(dataset, dets, img_ids=subset)["AP"], abs=1e-12)
+    for c in MIXED_CATS:
+        want = cocoeval_stats(dataset, dets, cat_ids=[c["id"]], img_ids=subset)["AP"]
+        assert ours["per_category"][c["name"]] == pytest.approx(want, abs=1e-12), c["name"]
+
+
+def test_no_detections_give_cocoevals_numbers(coco_set, mixed_case):
+    """COCOeval on an empty result set: 0 where there are objects, -1 where there are none (the coco_set has
+    no large object). COCOeval's own numbers come from a decoy image outside the evaluated ones, since
+    pycocotools' loadRes refuses an empty list."""
+    for path, dataset in ((coco_set[0], json.loads(coco_set[0].read_text())), mixed_case[:2]):
+        ids = [im["id"] for im in dataset["images"]]
+        decoy = {**dataset, "images": dataset["images"] + [{"id": 999, "file_name": "decoy.jpg", "width": 9,
+                                                            "height": 9}]}
+        one = [{"image_id": 999, "category_id": dataset["categories"][0]["id"], "bbox": [0, 0, 5, 5], "score": 1}]
+        ours = coco_metrics(path, [])
+        theirs = cocoeval_stats(decoy, one, img_ids=ids)
+        assert {n: ours[n] for n in STATS} == theirs
+        for c in dataset["categories"]:
+            assert ours["per_category"][c["name"]] == cocoeval_stats(decoy, one, cat_ids=[c["id"]], img_ids=ids)["AP"]
+        assert ours["detections"] == 0 and ours["images"] == len(ids)
+    small_and_medium_only = coco_metrics(coco_set[0], [])
+    assert (small_and_medium_only["AP"], small_and_medium_only["APs"], small_and_medium_only["APl"]) == (0.0, 0.0, -1.0)
 
 
 class OracleGrounder:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from PIL import Image
 
 
@@ -11,9 +12,17 @@ def test_small_demo_end_to_end(ray_session, cli, tmp_path):
     r = cli("demo", "--small", "--out", out, "--seed", "1")
     assert r.exit_code == 0, r.output
     report = json.loads((out / "report.json").read_text())
+    from test_predict import cocoeval_ap      # tests/pipelines is on sys.path (pytest's rootdir import mode)
+
     for who in ("teacher", "student"):
-        assert 0.0 <= report[who]["AP"] <= 1.0 and 0.0 <= report[who]["AP50"] <= 1.0
         assert set(report[who]["per_category"]) == {"circle", "square", "triangle", "star", "heart", "cross"}
+        # each model's AP is COCOeval's own on its detections (pycocotools directly, per category too)
+        expected = cocoeval_ap(out / who, out / "world" / "eval" / "coco_eval.json", out / "world" / "eval" / "images",
+                               batch_size=8)
+        for name in ("AP", "AP50", "AP75", "APs", "APm", "APl"):
+            assert report[who][name] == pytest.approx(expected[name], abs=1e-12), (who, name)
+        assert report[who]["per_category"] == pytest.approx(expected["per_category"], abs=1e-12), who
+        assert report["rare"]["star"][who] == pytest.approx(expected["per_category"]["star"], abs=1e-12)
     assert set(report["rare"]) == {"star", "heart", "mean"}
     assert set(report["seconds"]) == {"world", "parse", "teacher", "pseudo", "student", "evaluate", "total"}
     # every stage really ran and left its output

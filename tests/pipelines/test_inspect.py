@@ -199,3 +199,34 @@ def test_where_language_truth_table():
     for text in ["score >", "(score > 1", "score > 1 x", "score ~ 1", "", "phrase > 3"]:
         with pytest.raises(InputError):
             compile_where(text)
+
+
+HOSTILE_WHERE = {"400 nested parentheses": "(" * 400 + "score > 0.5" + ")" * 400,
+                 "1000 nots": "not " * 1000 + "score > 0.5"}
+
+
+@pytest.mark.parametrize("name", list(HOSTILE_WHERE))
+def test_where_nesting_is_bounded_with_a_clear_error(name):
+    with pytest.raises(InputError, match=r"nest deeper than \d+ levels") as info:   # not a RecursionError
+        compile_where(HOSTILE_WHERE[name])
+    from pipelines.inspect_where import MAX_DEPTH
+
+    assert f"deeper than {MAX_DEPTH} levels" in str(info.value)                  # the message names the limit
+    assert "\n" not in str(info.value) and len(str(info.value)) < 200      # one line, the filter not echoed
+    # up to the limit it still works, with parentheses and 'not' mixed
+    import pyarrow as pa
+
+    b = pa.RecordBatch.from_pydict({"score": pa.array([0.4, 0.9], pa.float64())})
+    half = MAX_DEPTH // 2
+    deep = "(not " * half + "score > 0.5" + ")" * half          # MAX_DEPTH levels; an even number of nots
+    assert compile_where(deep)(b).to_pylist() == [False, True]
+    with pytest.raises(InputError, match="nest deeper"):
+        compile_where("not " + deep)
+
+
+@pytest.mark.parametrize("name", list(HOSTILE_WHERE))
+def test_where_nesting_on_the_cli_is_exit_2_in_one_line(cli, shards, name):
+    r = cli("inspect", shards, "--where", HOSTILE_WHERE[name])
+    assert r.exit_code == 2, (type(r.exception).__name__, r.output[-300:])
+    assert "nest deeper than" in flat(r) and "Traceback" not in r.output
+    assert r.output.count("error:") == 1 and len(r.output.strip().splitlines()) <= 2   # rich may wrap it once

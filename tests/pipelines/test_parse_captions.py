@@ -407,3 +407,32 @@ def test_sidecar_and_tar_give_identical_phrase_files(cli, tmp_path, i2d_captions
         assert a["shards"][name] == b["shards"][name]           # counts, outputs, checksums
     assert a["totals"]["read"] == sum(len(c) for c in i2d_captions)   # failed downloads: no records
     assert a["totals"]["written"] == sum(t.num_rows for t in expected.values())
+
+
+# ------------------------------------------------------------------ skips are logged with file and key
+
+def test_the_shard_parser_logs_each_skip_naming_the_file_and_key(tmp_path, flickr_captions, caplog):
+    """README: bad input is a counted, logged skip naming the file and key. The stage's per-shard work (the
+    Ray Data callable class, run here in-process so that its log lines reach caplog) logs one warning per
+    skipped record, with the reason, the shard file and the record's key."""
+    import logging
+
+    from labeling.phrases import DEFAULT_MAX_CAPTION_CHARS, DEFAULT_SPACY_MODEL
+    from pipelines.parse_captions import ShardParser
+    from storage.crawled import discover_crawled_shards
+
+    samples = [{"txt": c.encode()} for c in flickr_captions[:3]] + [
+        {"txt": b"12345 !!!"},                                         # 00000003 no_letters
+        {"txt": "A caf\xe9 table".encode("latin-1")},                  # 00000004 invalid_utf8 (the reader)
+        {"txt": None},                                                 # 00000005 missing_caption
+        {"txt": flickr_captions[3].encode()}]
+    tar = write_img2dataset_shard(tmp_path / "i2d", "00000", samples)
+    shard, = discover_crawled_shards([str(tmp_path / "i2d")])
+    caplog.set_level(logging.WARNING, logger="glipctl")
+    parser = ShardParser(DEFAULT_SPACY_MODEL, False, str(tmp_path / "out"), DEFAULT_MAX_CAPTION_CHARS, 16)
+    entry = json.loads(parser(pa.table({"shard": [json.dumps(shard.to_dict())]})).column("entry")[0].as_py())
+    assert entry["status"] == "done" and entry["counts"]["written"] == 4, entry
+    logged = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and r.name.startswith("glipctl")]
+    expected = [("no_letters", "000000003"), ("invalid_utf8", "000000004"), ("missing_caption", "000000005")]
+    assert sorted(logged) == sorted(f"skipped ({reason}) {tar} key {key}" for reason, key in expected)
+    assert entry["counts"]["skipped"] == {reason: 1 for reason, _ in expected}

@@ -75,13 +75,50 @@ def test_evaluate_command_writes_same_numbers(cli, tiny_checkpoint, tmp_path):
             "--out", out, "--batch-size", "3")
     assert r.exit_code == 0, r.output
     rep = json.loads(out.read_text())
-    assert 0.0 <= rep["coco"]["AP"] <= 1.0 and rep["coco"]["images"] == 6
+    assert rep["coco"]["images"] == 6
     assert set(rep["coco"]["per_category"]) == {"circle", "square", "triangle", "star", "heart", "cross"}
+    # the reported numbers are COCOeval's own on this model's detections (computed here with pycocotools
+    # directly); an untrained model finds nothing, so AP is 0 and APl is COCOeval's -1 (no large object)
+    expected = cocoeval_ap(tiny_checkpoint, w.eval_coco_json, w.eval_images, batch_size=3)
+    for name in ("AP", "AP50", "AP75", "APs", "APm", "APl"):
+        assert rep["coco"][name] == pytest.approx(expected[name], abs=1e-12), name
+    assert rep["coco"]["per_category"] == pytest.approx(expected["per_category"], abs=1e-12)
     assert rep["grounding"]["protocol"] == "any-box" and rep["grounding"]["phrases"] > 0
     assert 0.0 <= rep["grounding"]["R@1"] <= rep["grounding"]["R@5"] <= rep["grounding"]["R@10"] <= 1.0
     assert f"{100 * rep['coco']['AP']:.1f}" in r.output
     r = cli("evaluate", "--model", tiny_checkpoint, "--out", out)
     assert r.exit_code == 2
+
+
+def cocoeval_ap(model_dir, coco_json, images, batch_size: int) -> dict:
+    """AP, AP50, AP75, APs/m/l and per-category AP of a checkpoint's zero-shot COCO detections, from COCOeval
+    directly (``params.catIds = [c]`` per category), not through labeling.evaluation's metrics."""
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    from labeling.evaluation import detect_coco, load_model
+
+    detections, evaluated, _ = detect_coco(load_model(model_dir), coco_json, images, batch_size=batch_size)
+    out = {"per_category": {}}
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(coco_json))
+        dt = gt.loadRes(detections)
+        for cat in [None] + gt.loadCats(gt.getCatIds()):
+            ev = COCOeval(gt, dt, iouType="bbox")
+            ev.params.imgIds = sorted(evaluated)
+            if cat is not None:
+                ev.params.catIds = [cat["id"]]
+            ev.evaluate()
+            ev.accumulate()
+            ev.summarize()
+            if cat is None:
+                out.update(zip(("AP", "AP50", "AP75", "APs", "APm", "APl"), map(float, ev.stats[:6])))
+            else:
+                out["per_category"][cat["name"]] = float(ev.stats[0])
+    return out
 
 
 def test_predict_evaluate_and_convert_take_uris(cli, tiny_checkpoint, shapes_image, s3_env, s3_prefix, tmp_path,

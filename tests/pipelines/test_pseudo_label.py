@@ -340,14 +340,18 @@ def test_rerun_resumes_and_changed_options_are_refused(inputs, teacher_dir, labe
     assert changed.exit_code == 2 and "--overwrite" in changed.output
 
 
-def test_bad_teacher_and_missing_phrases_are_exit_2(inputs, tmp_path, cli):
+def test_bad_teacher_and_missing_phrases_are_exit_2(inputs, teacher_dir, tmp_path, cli, ray_session):
     r = cli("pseudo-label", str(inputs["crawled"]), "--phrases", str(inputs["phrases"]),
             "--teacher", str(tmp_path / "nope"), "--out", str(tmp_path / "o"))
     assert r.exit_code == 2 and "not found" in r.output
+    # a valid teacher and a phrases folder that exists but holds no file for any input shard
     (tmp_path / "empty").mkdir()
     r = cli("pseudo-label", str(inputs["crawled"]), "--phrases", str(tmp_path / "empty"),
-            "--teacher", str(tmp_path), "--out", str(tmp_path / "o"))
-    assert r.exit_code == 2
+            "--teacher", str(teacher_dir), "--out", str(tmp_path / "o"))
+    said = " ".join(r.output.split())
+    assert r.exit_code == 2, r.output
+    assert "no phrase file for any input shard (expected e.g. 00000.parquet); run parse-captions first" in said
+    assert "config.json" not in said and "Traceback" not in r.output
 
 
 def test_teachers_no_actor_could_load_are_refused_by_the_driver(inputs, tmp_path, cli):

@@ -107,3 +107,39 @@ def test_ray_read_webdataset_reads_shards(tmp_path, make_sample, make_jpeg, ray_
     keys = sorted(json.loads(r["json"])["key"] for r in rows)
     assert keys == sorted(s.key for s in samples)
     assert all(bytes(r["jpg"]) == make_jpeg() for r in rows)
+
+
+def test_each_skip_is_logged_naming_the_file_and_the_key(tmp_path, make_sample, make_jpeg, caplog):
+    """README: bad input is a counted, logged skip naming the file and key. One warning per bad member, each
+    naming the reason, the tar and the member's key (a truncated tar: the key being read at the break)."""
+    import logging
+
+    bad = tmp_path / "bad.tar"
+    outside = make_sample("o").to_dict()
+    outside["boxes"][0]["bbox"] = [500.0, 500.0, 10.0, 10.0]            # outside a 64x48 image
+    with tarfile.open(bad, "w") as t:
+        for name, payload in [("a.jpg", make_jpeg()), ("a.json", b"{not json"),
+                              ("b.jpg", make_jpeg()),                    # no json
+                              ("c.json", json.dumps(make_sample("c").to_dict()).encode()),  # no image
+                              ("d.jpg", make_jpeg()), ("d.json", b'{"key": "d"}'),
+                              ("o.jpg", make_jpeg()), ("o.json", json.dumps(outside).encode()),
+                              ("g.jpg", make_jpeg()), ("g.json", json.dumps(make_sample("g").to_dict()).encode()),
+                              ("t.jpg", make_jpeg()), ("t.json", json.dumps(make_sample("t").to_dict()).encode())]:
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            t.addfile(info, io.BytesIO(payload))
+    data = bad.read_bytes()
+    bad.write_bytes(data[:data.index(b"t.json") + 600])                  # cut inside t.json's payload
+    caplog.set_level(logging.WARNING, logger="glipctl")
+    counts = StageCounts()
+    back = list(iter_shard_samples([str(bad)], counts))
+    assert [s.key for s, _ in back] == ["o", "g"]
+    logged = [r.getMessage() for r in caplog.records if r.name == "glipctl" and r.levelno == logging.WARNING]
+    expected = [("bad_json", "a"), ("missing_json", "b"), ("missing_image", "c"), ("malformed_record", "d"),
+                ("box_outside_image", "o")]
+    assert len(logged) == len(expected) + 1, logged
+    for message, (reason, key) in zip(logged, expected):
+        assert message.startswith(f"skipped ({reason}) {bad} key {key}"), message
+    assert logged[-1].startswith(f"skipped (truncated_tar) {bad}: at key 't'"), logged[-1]
+    assert "Expecting" in logged[0]                                      # the JSON error itself is given
+    assert sum(counts.skipped.values()) == len(logged)
