@@ -23,7 +23,7 @@ import torch
 
 from benchmarks import official_reference as oref
 
-pytestmark = pytest.mark.timeout(400)   # a loaded 2-core machine can take 3x the idle time
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]   # a loaded 2-core machine can take 3x the idle time
 
 # official key -> ours, written out by hand (not from glip.convert): one or more in each part of the model
 SPOT_CHECKS = {

@@ -24,6 +24,8 @@ import pytest
 
 from storage import fs
 
+pytestmark = pytest.mark.slow
+
 GLIPCTL = str(Path(sys.executable).parent / "glipctl")
 IMAGE_SIZE = 64
 THRESHOLD = "0.05"

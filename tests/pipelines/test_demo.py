@@ -6,6 +6,8 @@ import json
 import pytest
 from PIL import Image
 
+pytestmark = pytest.mark.slow
+
 
 def test_small_demo_end_to_end(ray_session, cli, tmp_path):
     out = tmp_path / "demo"

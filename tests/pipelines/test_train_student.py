@@ -19,6 +19,8 @@ from storage.records import Box, GroundedSample
 from storage.shards import ShardWriter
 from training_helpers import gold_samples, make_world, write_pseudo_shards
 
+pytestmark = pytest.mark.slow
+
 SIZE = ["--min-size", "48", "--max-size", "64"]
 LOSS_TERMS = {"loss", "loss_cls", "loss_box", "loss_centerness"}
 

@@ -19,6 +19,8 @@ from storage.records import GroundedSample
 from storage.shards import ShardWriter, labels_name
 from training_helpers import gold_samples, make_world, write_pseudo_shards
 
+pytestmark = pytest.mark.slow
+
 SIZE = ["--min-size", "48", "--max-size", "64"]
 SHARDS, PER_SHARD = 2, 3
 
