@@ -76,6 +76,11 @@ class GLIPConfig:
     clamp_bert_attention: bool = True         # CLAMP_BERTATTN_*
     clamp_dot_product: bool = True            # CLAMP_DOT_PRODUCT
     stable_softmax_2d: bool = False           # official default False
+    # Small-data variants (official: False / True). Measured on the demo world, 1 fusion layer, 1000 steps:
+    # without a residual the freshly initialised DyConv tower and the channel LayerNorm of the visual
+    # tokens slow learning so much that deep fusion loses to late fusion (AP 17 vs 35); see BENCHMARKS.md.
+    fusion_image_residual: bool = False       # levels + DyConv(levels) instead of DyConv(levels)
+    fusion_norm_visual: bool = True           # LayerNorm the visual tokens before the bi-attention
     dyhead_groups: int = 16                   # GroupNorm groups in DyConv (official MODEL.GROUP_NORM.NUM_GROUPS)
     use_deform: bool = True
     use_dyrelu: bool = True

@@ -86,12 +86,13 @@ class BiAttentionBlock(nn.Module):
     """Pre-LayerNorm bi-attention with layer scale: v' = LN(v) + gamma_v * dv, l' = LN(l) + gamma_l * dl.
 
     (Official: the residual adds to the *normalized* inputs.) Official key prefix ``dyhead_tower.{3i}.b_attn``.
+    ``norm_visual=False`` (a small-data variant, ``GLIPConfig.fusion_norm_visual``) leaves ``v`` unnormalized.
     """
 
     def __init__(self, v_dim: int, l_dim: int, embed_dim: int, num_heads: int, dropout: float,
-                 init_values: float, clamp: bool = True, stable_softmax_2d: bool = False):
+                 init_values: float, clamp: bool = True, stable_softmax_2d: bool = False, norm_visual: bool = True):
         super().__init__()
-        self.layer_norm_v = nn.LayerNorm(v_dim)
+        self.layer_norm_v = nn.LayerNorm(v_dim) if norm_visual else nn.Identity()
         self.layer_norm_l = nn.LayerNorm(l_dim)
         self.attn = BiMultiHeadAttention(v_dim, l_dim, embed_dim, num_heads, dropout, clamp, stable_softmax_2d)
         self.gamma_v = nn.Parameter(init_values * torch.ones(v_dim))

@@ -47,7 +47,9 @@ class FusionLayer(nn.Module):
         super().__init__()
         self.b_attn = BiAttentionBlock(cfg.fpn_channels, text_config["hidden_size"], cfg.fusion_embed_dim,
                                        cfg.fusion_heads, cfg.fusion_dropout, cfg.layer_scale_init,
-                                       clamp=cfg.clamp_fusion, stable_softmax_2d=cfg.stable_softmax_2d)
+                                       clamp=cfg.clamp_fusion, stable_softmax_2d=cfg.stable_softmax_2d,
+                                       norm_visual=cfg.fusion_norm_visual)
+        self.image_residual = cfg.fusion_image_residual
         self.text_layer = FusionBertLayer(text_config, clamp_attention=cfg.clamp_bert_attention)
         self.image_layer = DyConv(cfg.fpn_channels, cfg.dyhead_groups, cfg.use_deform, cfg.use_dyrelu,
                                   cfg.use_dyfuse, cfg.reuse_offsets_across_levels, cfg.deform_impl)
@@ -55,7 +57,10 @@ class FusionLayer(nn.Module):
     def forward(self, levels: list[torch.Tensor], text: torch.Tensor, text_mask: torch.Tensor):
         levels, text = self.b_attn.forward_levels(levels, text, text_mask)
         text = self.text_layer(text, text_mask)
-        return self.image_layer(levels), text
+        fused = self.image_layer(levels)
+        if self.image_residual:      # small-data variant (GLIPConfig.fusion_image_residual)
+            fused = [x + y for x, y in zip(levels, fused)]
+        return fused, text
 
 
 class GroundingHead(nn.Module):
