@@ -101,7 +101,6 @@ SKIP_NO_BOXES = "no_boxes"                  # a detection image without a usable
 
 RESULT_SCHEMA = pa.schema([("shard", pa.string()), ("entry", pa.string()), ("error", pa.string())])
 
-_JSON_THEN_EQUALS = re.compile(r"\.jsonl?=", re.IGNORECASE)
 _UNSAFE_NAME = re.compile(r"[^A-Za-z0-9_]+")
 
 
@@ -127,14 +126,9 @@ class PackSpec:
         Split after ``.json=``/``.jsonl=`` when there is one, else at the first ``=``, so a URI
         with ``=`` in it (``s3://b/date=2024/ann.json=s3://b/images``) parses.
         """
-        option = OPTION_OF.get(kind, kind)
-        m = _JSON_THEN_EQUALS.search(value)
-        if m:
-            ann, sep, root = value[:m.end() - 1], "=", value[m.end():]
-        else:
-            ann, sep, root = value.partition("=")
-        if not sep or not ann or not root:
-            raise InputError(f"{option} {value!r}: expected ANN.json=IMAGE_DIR")
+        from pipelines.training.options import split_annotated
+
+        ann, root = split_annotated(value, OPTION_OF.get(kind, kind))
         return cls(kind, ann, root, label_map)
 
     @property

@@ -18,6 +18,22 @@ SOURCES = ("gold", "pseudo", "detection")
 _JSON_THEN_EQUALS = re.compile(r"\.jsonl?=", re.IGNORECASE)
 
 
+def split_annotated(value: str, option: str) -> tuple[str, str]:
+    """``ANN.json=IMAGE_DIR`` -> (annotations, image folder), as given; InputError naming ``option``.
+
+    Split after ``.json=`` / ``.jsonl=`` when there is one, else at the first ``=``, so a URI
+    with ``=`` in it (``s3://b/date=2024/ann.json=s3://b/images``) parses.
+    """
+    m = _JSON_THEN_EQUALS.search(value)
+    if m:
+        ann, sep, root = value[:m.end() - 1], "=", value[m.end():]
+    else:
+        ann, sep, root = value.partition("=")
+    if not sep or not ann or not root:
+        raise InputError(f"{option} {value!r}: expected ANN.json=IMAGE_DIR")
+    return ann, root
+
+
 @dataclass(frozen=True)
 class AnnotatedImages:
     """An annotation file and the folder its ``file_name`` entries are relative to (local paths or URIs)."""
@@ -31,13 +47,7 @@ class AnnotatedImages:
         Split after ``.json=`` when there is one, else at the first ``=``, so a URI with ``=``
         in it (``s3://b/date=2024/ann.json=s3://b/images``) parses.
         """
-        m = _JSON_THEN_EQUALS.search(value)
-        if m:
-            ann, sep, root = value[:m.end() - 1], "=", value[m.end():]
-        else:
-            ann, sep, root = value.partition("=")
-        if not sep or not ann or not root:
-            raise InputError(f"{option} {value!r}: expected ANN.json=IMAGE_DIR")
+        ann, root = split_annotated(value, option)
         try:
             ann_there, root_there = fs.is_file(ann), fs.is_dir(root)
         except OSError as exc:
