@@ -93,6 +93,10 @@ class GLIP(nn.Module):
         with torch.device("meta"):  # skip random init: every tensor comes from the file
             model = cls(config, tokenizer=load_tokenizer(config, path))
         state = load_file(str(path / WEIGHTS_NAME), device=str(map_location))
+        # safetensors' CPU tensors are not 64-byte aligned, and oneDNN/MKL then take other kernels: the
+        # same weights computed 1 ulp apart (4.8e-7 in the logits of a demo-t model). Fresh allocations are
+        # aligned, so a loaded model computes bit for bit what the saved one did, in every process.
+        state = {k: v.clone() if v.device.type == "cpu" else v for k, v in state.items()}
         model.load_state_dict(state, strict=True, assign=True)
         model._materialize_non_persistent_buffers(map_location)
         return model.eval()

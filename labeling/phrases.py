@@ -1,12 +1,14 @@
 """Noun phrases to ground, from crawled captions: caption hygiene + spaCy noun chunks.
 
-Two jobs, both pure functions of text (no Ray, no files):
+Pure functions of text (no Ray, no files):
 
 - ``clean_caption``: web alt-text carries HTML, control characters and run-on text. The
   cleaned caption is the one that is stored, and every span indexes it.
 - ``PhraseExtractor``: spaCy noun chunks, minus what a detector cannot box (pronouns,
   wh-words, abstract heads from ``abstract_nouns.txt``, duplicates); optionally each chunk
   grown to its referring expression ("a woman in a red dress"), as Kosmos-2's GRIT does.
+- ``category_list_spans``: a prompt written as the official detection prompt
+  ("person. bicycle. car.") is a list of names, one phrase each, without parsing.
 
 A phrase is ``{"text", "start", "end", "root"}``: ``start``/``end`` are character offsets
 into the caption, end exclusive, so ``caption[start:end] == text`` always; ``root`` is the
@@ -124,6 +126,44 @@ def _truncate_on_word(text: str, max_chars: int) -> str:
     if cut < max_chars * 3 // 4:      # one giant "word" (a URL, no spaces): cut hard
         cut = max_chars
     return text[:cut].rstrip()
+
+
+# ---------------------------------------------------------------------------- category lists
+
+# A category name: words of letters/digits joined by spaces, "-", "'" or "_" (LVIS "aerosol_can").
+_CATEGORY_NAME = re.compile(r"[^\W_]+(?:[\s'_-]+[^\W_]+)*")
+MAX_CATEGORY_WORDS = 4
+
+
+def category_list_spans(prompt: str, max_words: int = MAX_CATEGORY_WORDS) -> list[tuple[int, int]] | None:
+    """The names of a category-list prompt as character spans, or None when ``prompt`` is prose.
+
+    A category list is the prompt form of GLIP's and Grounding DINO's detection demos: two
+    or more names separated by ``". "`` (or ``" . "``), an optional final ``"."``, e.g.
+    ``"star. heart. circle. square. cross. triangle."``. Each name (at most ``max_words``
+    words of letters and digits, joined by spaces, ``-``, ``'`` or ``_``) is one span
+    ``(start, end)``, end exclusive, surrounding spaces excluded, in prompt order. A parser
+    would merge neighbours ("cross. triangle") or drop names it does not tag as nouns.
+    Anything else (one name, a sentence, a ``"."`` not followed by a space as in "3.5") is None.
+    """
+    body = prompt.rstrip()
+    if body.endswith("."):
+        body = body[:-1]
+    pieces = body.split(".")
+    if len(pieces) < 2:
+        return None
+    spans, start = [], 0
+    for i, piece in enumerate(pieces):
+        if i and not piece[:1].isspace():      # "3.5 inch", "e.g": a dot inside a name
+            return None
+        lo = start + len(piece) - len(piece.lstrip())
+        hi = start + len(piece.rstrip())
+        name = prompt[lo:hi]
+        if not _CATEGORY_NAME.fullmatch(name) or len(name.split()) > max_words:
+            return None
+        spans.append((lo, hi))
+        start += len(piece) + 1
+    return spans
 
 
 # ---------------------------------------------------------------------------- spaCy

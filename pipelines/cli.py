@@ -9,7 +9,7 @@ import functools
 
 import typer
 
-from pipelines.commands import (convert_official, demo, evaluate, inspect, pack, parse_captions,
+from pipelines.commands import (convert_official, demo, evaluate, export, inspect, pack, parse_captions,
                                 predict, pseudo_label, train_student)
 from pipelines.common import console
 from storage.errors import InputError
@@ -38,9 +38,11 @@ def _user_errors_exit_2(fn):
 
 for _name, _module in [("parse-captions", parse_captions), ("pseudo-label", pseudo_label),
                        ("pack", pack), ("train-student", train_student), ("inspect", inspect),
-                       ("evaluate", evaluate), ("predict", predict), ("demo", demo),
+                       ("evaluate", evaluate), ("predict", predict), ("export", export), ("demo", demo),
+                       ("demo-world", demo.world_main),
                        ("convert-official", convert_official)]:
-    app.command(_name, help=_module.main.__doc__)(_user_errors_exit_2(_module.main))
+    _fn = getattr(_module, "main", _module)
+    app.command(_name, help=_fn.__doc__)(_user_errors_exit_2(_fn))
 
 
 def main() -> None:

@@ -1,146 +1,165 @@
-"""`glipctl demo`: the whole teacher -> student loop on a generated world, on a CPU.
+"""`glipctl demo`: the paper's loop on a generated world, on a CPU, as the ``glipctl`` commands a user runs.
 
-Stages, each through the same Python entry point as its CLI command:
+Each stage is one ``glipctl`` command line, run in-process through the CLI's own parser, and
+``report.md`` lists them: running them by hand (same folder) reproduces the demo.
 
-1. ``world``    generate_world: gold (MDETR), crawled (img2dataset tars), eval (COCO)
-2. ``parse``    run_parse_captions: spaCy noun phrases of the crawled alt-text
-3. ``teacher``  train: train-student on gold only (how a teacher is made)
-4. ``pseudo``   pseudo-label: the teacher grounds the parsed phrases in the crawled images
-5. ``student``  train: train-student on gold + pseudo-label shards
-6. ``evaluate`` zero-shot COCO AP of both models on the eval set, per shape
+1. ``world``     glipctl demo-world: gold (MDETR), crawled (img2dataset tars), eval (COCO)
+2. ``parse``     glipctl parse-captions: spaCy noun phrases of the crawled alt-text
+3. ``pack``      glipctl pack: the gold set as WebDataset shards, once for the three models
+4. ``teacher``   glipctl train-student on gold only, ``demo-t`` preset (how a teacher is made)
+5. ``pseudo``    glipctl pseudo-label: the teacher grounds the parsed phrases in the crawled images
+6. ``student``   glipctl train-student on gold + pseudo-labels, ``demo-l`` preset (bigger, as GLIP-T -> GLIP-L)
+7. ``control``   glipctl train-student on gold only, ``demo-l``: what the pseudo-labels are worth
+8. ``evaluate``  glipctl evaluate: zero-shot COCO AP of the three models on the eval set, per shape
 
-then a table on stdout, ``report.md`` (with pictures) and ``report.json``.
+then a table on stdout, ``report.md`` (commands, tables, pictures) and ``report.json``.
 
-Fair comparison: teacher and student have the same architecture, the same number of
-optimizer steps, batch size and learning rate, and both start from the same random
-initialisation (seed); the only difference is the student's extra (pseudo-labelled) data.
+Comparisons: student vs teacher is the paper's claim (a bigger student on gold + pseudo-labels beats
+its teacher); student vs control isolates the pseudo-labels (same model, steps, batch, lr and
+initialisation seed; the control sees gold only).
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import shlex
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from pipelines.world import WorldPaths, WorldSpec, generate_world
 from storage.atomic import atomic_write, write_json_atomic
 
 log = logging.getLogger("glipctl.demo")
 
-# The model: the `tiny` preset at the world's resolution, anchors scaled to its 20-60 px objects,
-# and no deep-fusion layer. Measured on this world (gold 800, 800 steps, batch 8, one thread):
-# with one fusion layer the bi-attention's text update pulls every token towards one vector
-# (cosine similarity of "red"/"blue"/"circle"/"star" features 0.3-0.8 before training,
-# 0.8-0.94 after), every word then scores the same on every object and COCO AP stays at 0.16;
-# without fusion (GLIP's late-fusion ablation) AP is 0.31 after 800 steps and 0.46 after 1500,
-# and a step costs 0.10 s instead of 0.21 s. No deformable convolution either (it was 3/4 of a
-# CPU step when measured).
-DEMO_MODEL: dict[str, Any] = {"min_size": 160, "max_size": 224, "anchor_sizes": (32, 64, 128, 256),
-                              "use_deform": False, "num_fusion_layers": 0}
-STAGES = ("world", "parse", "teacher", "pseudo", "student", "evaluate")
+STAGES = ("world", "parse", "pack", "teacher", "pseudo", "student", "control", "evaluate")
+MODELS = ("teacher", "student", "control")
 
 
 @dataclass
 class DemoOptions:
-    """Sizes of one demo run. ``full()`` fits 15 minutes on 2 CPU cores; ``small()`` is for tests."""
+    """Sizes of one demo run. ``full()`` fits 15 minutes on 2 CPU cores; ``small()`` is for tests.
+
+    Every field ends up as a ``glipctl`` option in a stage's command line (``demo_commands``).
+    """
     out: str = "demo_out"
     seed: int = 0
-    world: WorldSpec = field(default_factory=WorldSpec)
-    model_overrides: dict[str, Any] = field(default_factory=lambda: dict(DEMO_MODEL))
-    steps: int = 3000                 # optimizer steps, teacher and student alike (at 1500 the teacher was far
-                                      # from converged: AP 43 -> 55 from 1500 to 3000 steps on gold alone)
+    small_world: bool = False
+    teacher_preset: str = "demo-t"
+    student_preset: str = "demo-l"
+    teacher_steps: int = 900          # optimizer steps (the 15-minute budget: see BENCHMARKS.md "demo")
+    student_steps: int = 800          # student and control alike
     batch_size: int = 8
-    lr: float = 2e-3
+    lr: float = 2e-3                  # from scratch on small data (1e-4 is the fine-tuning default)
     text_lr: float = 0.0              # frozen MiniLM: shape words keep their pretrained meaning; 40% faster
     warmup: int = 30
     mix: str = "gold=1,pseudo=1"      # student's sampling weights
-    pseudo_threshold: float = 0.5     # teacher score a pseudo box needs (pseudo-label's default;
-                                      # measured here: keeps 98% of rare-shape boxes, half the noise)
+    pseudo_threshold: float = 0.5     # teacher score a pseudo box needs (pseudo-label's default)
     pseudo_max_boxes: int = 1         # per phrase: alt-text names one object per phrase
-    pseudo_min_score: float = 0.0     # student-side filter (train-student --pseudo-min-score)
-    pseudo_unboxed: str = "negative"  # train-student --pseudo-unboxed (measured: "ignore" loses the negatives
-                                      # the missed phrase gives on the image's other objects)
     eval_batch_size: int = 16
-    workers: int = 1                  # Ray Train workers (DDP); 1 is fastest on 2 cores
     cpus_per_worker: int = field(default_factory=lambda: max(1, min(4, os.cpu_count() or 1)))  # torch threads
+    address: str | None = None
     picture_samples: int = 8
-    quiet: bool = False
 
     @classmethod
     def full(cls, out: str = "demo_out", seed: int = 0) -> "DemoOptions":
-        return cls(out=out, seed=seed, world=WorldSpec(seed=seed))
+        return cls(out=out, seed=seed)
 
     @classmethod
     def small(cls, out: str = "demo_out", seed: int = 0) -> "DemoOptions":
         """A few steps on a small world: checks the plumbing end to end, not the science."""
-        return cls(out=out, seed=seed, world=WorldSpec.small(seed), steps=6, batch_size=2, warmup=1,
-                   eval_batch_size=8, picture_samples=4, pseudo_threshold=0.0,
-                   model_overrides=dict(DEMO_MODEL, min_size=128, max_size=192))
+        return cls(out=out, seed=seed, small_world=True, teacher_steps=6, student_steps=6, batch_size=2,
+                   warmup=1, eval_batch_size=8, picture_samples=4, pseudo_threshold=0.0)
+
+
+@dataclass
+class DemoCommand:
+    stage: str
+    argv: list[str]
+
+    @property
+    def line(self) -> str:
+        return "glipctl " + " ".join(shlex.quote(a) for a in self.argv)
 
 
 @dataclass
 class DemoReport:
-    teacher: dict[str, Any]
-    student: dict[str, Any]
-    rare: dict[str, Any]
+    models: dict[str, dict[str, Any]]          # teacher / student / control: AP, AP50, AP75, per_category
+    rare: dict[str, dict[str, float]]          # rare shape (and "mean") -> model -> AP
+    common_mean: dict[str, float]              # model -> mean AP of the common shapes
     seconds: dict[str, float]
     counts: dict[str, Any]
     options: dict[str, Any]
     paths: dict[str, str]
+    commands: list[dict[str, Any]]
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-# ----------------------------------------------------------------------------- stages
+# ----------------------------------------------------------------------------- the commands
 
-def stage_parse(world: WorldPaths, out_dir: Path) -> dict[str, Any]:
-    from pipelines.parse_captions import ParseOptions, run_parse_captions
-    from storage.crawled import discover_crawled_shards
-
-    shards = discover_crawled_shards([str(world.crawled_dir)])
-    result = run_parse_captions(shards, out_dir, ParseOptions(overwrite=True))
-    totals = result.manifest.totals()
-    return {"captions": totals.get("read", 0), "phrases": totals.get("phrases", 0),
-            "written": totals.get("written", 0), "skipped": totals.get("skipped", {})}
-
-
-def stage_train(o: DemoOptions, world: WorldPaths, out_dir: Path, pseudo_dir: Path | None) -> dict[str, Any]:
-    from pipelines.training.options import AnnotatedImages, TrainOptions, parse_mix
-    from pipelines.training.runner import train
-
-    options = TrainOptions(
-        out=str(out_dir), gold=[AnnotatedImages(str(world.gold_json), str(world.gold_images))],
-        pseudo=[str(pseudo_dir)] if pseudo_dir else [], mix=parse_mix(o.mix if pseudo_dir else None),
-        preset="tiny", model_overrides=dict(o.model_overrides), steps=o.steps, batch_size=o.batch_size,
-        lr=o.lr, text_lr=o.text_lr, warmup=o.warmup, workers=o.workers, cpus_per_worker=o.cpus_per_worker,
-        checkpoint_every=0, keep=1, overwrite=True,   # a demo re-run starts its models over
-        log_every=max(1, o.steps // 20), seed=o.seed, pseudo_min_score=o.pseudo_min_score,
-        pseudo_unboxed=o.pseudo_unboxed,
-    )
-    result = train(options)
-    return {"steps": result.step, "final_loss": result.final_loss, "samples_per_s": result.samples_per_s,
-            "counts": result.counts}
+def demo_paths(o: DemoOptions) -> dict[str, str]:
+    """Where each stage writes (the layout ``generate_world`` uses under ``world``)."""
+    out = Path(o.out)
+    world = out / "world"
+    return {"out": str(out), "world": str(world), "crawled": str(world / "crawled"),
+            "gold": f"{world / 'gold' / 'mdetr_gold.json'}={world / 'gold' / 'images'}",
+            "eval": f"{world / 'eval' / 'coco_eval.json'}={world / 'eval' / 'images'}",
+            "truth": str(world / "crawled_truth.json"), "phrases": str(out / "phrases"),
+            "gold_packed": str(out / "gold_packed"), "pseudo": str(out / "pseudo"),
+            **{who: str(out / who) for who in MODELS},
+            **{f"eval_{who}": str(out / "eval" / f"{who}.json") for who in MODELS}}
 
 
-def stage_pseudo(o: DemoOptions, world: WorldPaths, phrases_dir: Path, teacher_dir: Path,
-                 out_dir: Path) -> dict[str, Any]:
-    from labeling.filters import DEFAULT_MIN_BOX_SIZE, DEFAULT_NMS_IOU
-    from pipelines.pseudo_label import PseudoLabelOptions, run_pseudo_label
-    from storage.crawled import discover_crawled_shards
+def demo_commands(o: DemoOptions) -> list[DemoCommand]:
+    """The demo as ``glipctl`` command lines, in order. Nothing here runs them."""
+    p = demo_paths(o)
+    ray = ["--address", o.address] if o.address else []
 
-    shards = discover_crawled_shards([str(world.crawled_dir)])
-    result = run_pseudo_label(shards, out_dir, PseudoLabelOptions(
-        phrases=str(phrases_dir), teacher=str(teacher_dir), threshold=o.pseudo_threshold,
-        nms_iou=DEFAULT_NMS_IOU, max_boxes_per_phrase=o.pseudo_max_boxes, min_box_size=DEFAULT_MIN_BOX_SIZE,
-        batch_size=o.eval_batch_size, overwrite=True))
-    totals = result.totals()
-    return {"images": totals.get("written", 0), "boxes": totals.get("boxes", 0),
-            "without_boxes": totals.get("without_boxes", 0), "skipped": totals.get("skipped", {}),
-            "failed": result.failed}
+    def train(who: str, preset: str, steps: int, pseudo: bool) -> DemoCommand:
+        argv = ["train-student", "--out", p[who], "--gold", p["gold_packed"]]
+        if pseudo:
+            argv += ["--pseudo", p["pseudo"], "--mix", o.mix]
+        argv += ["--preset", preset, "--steps", str(steps), "--batch-size", str(o.batch_size),
+                 "--lr", str(o.lr), "--text-lr", str(o.text_lr), "--warmup", str(o.warmup),
+                 "--cpus-per-worker", str(o.cpus_per_worker), "--checkpoint-every", "0", "--keep", "1",
+                 "--log-every", str(max(1, steps // 20)), "--seed", str(o.seed), "--overwrite"] + ray
+        return DemoCommand(who, argv)
+
+    world = ["demo-world", "--out", p["world"], "--seed", str(o.seed)] + (["--small"] if o.small_world else [])
+    commands = [
+        DemoCommand("world", world),
+        DemoCommand("parse", ["parse-captions", p["crawled"], "--out", p["phrases"], "--overwrite"] + ray),
+        DemoCommand("pack", ["pack", "--gold", p["gold"], "--out", p["gold_packed"], "--overwrite"] + ray),
+        train("teacher", o.teacher_preset, o.teacher_steps, pseudo=False),
+        DemoCommand("pseudo", ["pseudo-label", p["crawled"], "--phrases", p["phrases"], "--teacher", p["teacher"],
+                               "--out", p["pseudo"], "--threshold", str(o.pseudo_threshold),
+                               "--max-boxes-per-phrase", str(o.pseudo_max_boxes),
+                               "--batch-size", str(o.eval_batch_size), "--overwrite"] + ray),
+        train("student", o.student_preset, o.student_steps, pseudo=True),
+        train("control", o.student_preset, o.student_steps, pseudo=False),
+    ]
+    commands += [DemoCommand("evaluate", ["evaluate", "--model", p[who], "--coco", p["eval"],
+                                          "--batch-size", str(o.eval_batch_size), "--out", p[f"eval_{who}"]])
+                 for who in MODELS]
+    return commands
+
+
+class DemoStageFailed(RuntimeError):
+    pass
+
+
+def run_glipctl(argv: list[str]) -> None:
+    """Run one ``glipctl`` command line in this process (shares its Ray); raise if it fails."""
+    import typer.main
+
+    from pipelines.cli import app
+
+    code = typer.main.get_command(app).main(args=list(argv), prog_name="glipctl", standalone_mode=False)
+    if code not in (None, 0):
+        raise DemoStageFailed(f"`glipctl {' '.join(argv)}` exited with code {code}")
 
 
 def score_pseudo_labels(pseudo_dir: Path, truth_json: Path, rare_shapes: tuple[str, ...]) -> dict[str, Any]:
@@ -187,65 +206,66 @@ def score_pseudo_labels(pseudo_dir: Path, truth_json: Path, rare_shapes: tuple[s
     return stats
 
 
-def stage_evaluate(world: WorldPaths, model_dir: Path, batch_size: int) -> dict[str, Any]:
-    from pipelines.commands.evaluate import evaluate_model
-
-    report = evaluate_model(model_dir, coco=world.eval_coco_arg, batch_size=batch_size, show_progress=False)
-    return report["coco"]
-
-
 # ----------------------------------------------------------------------------- runner
 
 def run_demo(o: DemoOptions, say: Callable[[str], None] = print) -> DemoReport:
-    """Run every stage into ``o.out``; return (and write) the report. Ray must be initialised."""
-    import torch
-
+    """Run every stage's command into ``o.out``; return (and write) the report. Ray must be initialised."""
     out = Path(o.out)
     out.mkdir(parents=True, exist_ok=True)
+    p = demo_paths(o)
     seconds: dict[str, float] = {}
-    counts: dict[str, Any] = {}
-
-    def timed(name: str, fn: Callable[[], Any]) -> Any:
-        say(f"demo: {name} ...")
+    commands = demo_commands(o)
+    ran: list[dict[str, Any]] = []
+    for command in commands:
+        say(f"demo [{command.stage}]: {command.line}")
         t0 = time.perf_counter()
-        value = fn()
-        seconds[name] = round(time.perf_counter() - t0, 1)
-        say(f"demo: {name} done in {seconds[name]:.1f} s")
-        return value
+        run_glipctl(command.argv)
+        took = time.perf_counter() - t0
+        seconds[command.stage] = round(seconds.get(command.stage, 0.0) + took, 1)
+        ran.append({"stage": command.stage, "command": command.line, "seconds": round(took, 1)})
+    seconds["total"] = round(sum(v for k, v in seconds.items()), 1)
 
-    torch.manual_seed(o.seed)
-    world = timed("world", lambda: generate_world(out / "world", o.world))
-    counts["world"] = {"images": world.summary["images"], "shapes": world.summary["shapes"]}
-    counts["parse"] = timed("parse", lambda: stage_parse(world, out / "phrases"))
-    counts["teacher"] = timed("teacher", lambda: stage_train(o, world, out / "teacher", None))
-    counts["pseudo"] = timed("pseudo", lambda: stage_pseudo(o, world, out / "phrases", out / "teacher",
-                                                            out / "pseudo"))
-    counts["pseudo_quality"] = score_pseudo_labels(out / "pseudo", world.crawled_truth, o.world.rare_shapes)
-    counts["student"] = timed("student", lambda: stage_train(o, world, out / "student", out / "pseudo"))
-
-    def evaluate_both():
-        return (stage_evaluate(world, out / "teacher", o.eval_batch_size),
-                stage_evaluate(world, out / "student", o.eval_batch_size))
-    teacher_eval, student_eval = timed("evaluate", evaluate_both)
-    seconds["total"] = round(sum(seconds.values()), 1)
-
-    rare_names = list(o.world.rare_shapes)
-    rare = {name: {"teacher": teacher_eval["per_category"].get(name, -1.0),
-                   "student": student_eval["per_category"].get(name, -1.0)} for name in rare_names}
-    rare["mean"] = {who: _mean([rare[n][who] for n in rare_names]) for who in ("teacher", "student")}
-    common = [n for n in teacher_eval["per_category"] if n not in rare_names]
-    counts["common_mean"] = {"teacher": _mean([teacher_eval["per_category"][n] for n in common]),
-                             "student": _mean([student_eval["per_category"][n] for n in common])}
+    world = json.loads((Path(p["world"]) / "world.json").read_text())
+    rare_names = list(world["rare_shapes"])
+    coco = {who: json.loads(Path(p[f"eval_{who}"]).read_text())["coco"] for who in MODELS}
+    rare = {name: {who: coco[who]["per_category"].get(name, -1.0) for who in MODELS} for name in rare_names}
+    rare["mean"] = {who: _mean([rare[n][who] for n in rare_names]) for who in MODELS}
+    common = [n for n in coco["teacher"]["per_category"] if n not in rare_names]
+    counts = {"world": {"images": world["images"], "shapes": world["shapes"]},
+              "parse": _manifest_counts(p["phrases"]), "pseudo": _manifest_counts(p["pseudo"]),
+              "pseudo_quality": score_pseudo_labels(Path(p["pseudo"]), Path(p["truth"]), tuple(rare_names)),
+              **{who: _train_counts(p[who]) for who in MODELS}}
     report = DemoReport(
-        teacher=_summary(teacher_eval), student=_summary(student_eval), rare=rare, seconds=seconds,
-        counts=counts, options=_jsonable(asdict(o)),
-        paths={"world": str(out / "world"), "teacher": str(out / "teacher"), "student": str(out / "student"),
-               "pseudo": str(out / "pseudo"), "phrases": str(out / "phrases")},
-    )
+        models={who: _summary(coco[who]) for who in MODELS}, rare=rare,
+        common_mean={who: _mean([coco[who]["per_category"][n] for n in common]) for who in MODELS},
+        seconds=seconds, counts=counts, options=_jsonable(asdict(o)),
+        paths={k: v for k, v in p.items() if not k.startswith("eval_")}, commands=ran)
     write_json_atomic(out / "report.json", report.to_dict())
-    pictures = _pictures(o, world, out)
+    pictures = _pictures(o, p)
     write_report_md(out / "report.md", report, pictures)
     return report
+
+
+def _manifest_counts(folder: str) -> dict[str, Any]:
+    """Every count a stage's shards committed, summed (read, written, skipped by reason, phrases, boxes...)."""
+    from storage.manifest import Manifest
+
+    manifest = Manifest.load(folder)
+    totals: dict[str, Any] = {"skipped": {}}
+    for entry in (manifest.shards.values() if manifest else []):
+        for key, value in (entry.get("counts") or {}).items():
+            if key == "skipped":
+                for reason, n in value.items():
+                    totals["skipped"][reason] = totals["skipped"].get(reason, 0) + int(n)
+            elif isinstance(value, (int, float)):
+                totals[key] = totals.get(key, 0) + value
+    return totals
+
+
+def _train_counts(folder: str) -> dict[str, Any]:
+    rows = [json.loads(line) for line in (Path(folder) / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    last = rows[-1] if rows else {}
+    return {"steps": last.get("step", 0), "final_loss": last.get("loss"), "samples_per_s": last.get("samples_per_s")}
 
 
 def _mean(values: list[float]) -> float:
@@ -264,18 +284,20 @@ def _jsonable(d: Any) -> Any:
 
 # ----------------------------------------------------------------------------- pictures
 
-def _pictures(o: DemoOptions, world: WorldPaths, out: Path) -> dict[str, str]:
-    """PNGs for the report: pseudo-labelled crawled samples, and both models' detections."""
+def _pictures(o: DemoOptions, p: dict[str, str]) -> dict[str, str]:
+    """PNGs for the report: pseudo-labelled crawled samples, and each model's detections."""
+    import io
+
     from PIL import Image
 
     from pipelines.drawing import draw_boxes, grid
     from storage.shards import iter_shard_samples
     from storage.skips import StageCounts
-    import io
 
+    out = Path(o.out)
     pics: dict[str, str] = {}
     tiles = []
-    for sample, image in iter_shard_samples([str(out / "pseudo")], StageCounts()):
+    for sample, image in iter_shard_samples([p["pseudo"]], StageCounts()):
         if not sample.boxes:
             continue
         boxes = [{"bbox": b.bbox, "label": sample.caption[b.tokens_positive[0][0]:b.tokens_positive[0][1]],
@@ -285,25 +307,26 @@ def _pictures(o: DemoOptions, world: WorldPaths, out: Path) -> dict[str, str]:
             break
     if tiles:
         pics["pseudo"] = _save_png(grid(tiles, 4), out / "pseudo_samples.png")
-    for who in ("teacher", "student"):
-        tiles = _prediction_tiles(out / who, world, o.picture_samples)
+    annotations, images = p["eval"].split("=", 1)
+    for who in MODELS:
+        tiles = _prediction_tiles(Path(p[who]), Path(annotations), Path(images), o.picture_samples)
         if tiles:
             pics[who] = _save_png(grid(tiles, 4), out / f"{who}_predictions.png")
     return pics
 
 
-def _prediction_tiles(model_dir: Path, world: WorldPaths, n: int, min_score: float = 0.2):
+def _prediction_tiles(model_dir: Path, coco_json: Path, image_dir: Path, n: int, min_score: float = 0.2):
     """The first ``n`` eval images with each model's detections (category prompt) drawn."""
     from PIL import Image
 
     from labeling.evaluation import category_prompts, load_model, model_token_counter
     from pipelines.drawing import draw_boxes
 
-    coco = json.loads(world.eval_coco_json.read_text())
+    coco = json.loads(coco_json.read_text())
     model = load_model(model_dir)
     prompts = category_prompts(coco["categories"], model.config.max_query_len, model_token_counter(model))
     names = {c["id"]: c["name"] for c in coco["categories"]}
-    images = [Image.open(world.eval_images / im["file_name"]).convert("RGB") for im in coco["images"][:n]]
+    images = [Image.open(image_dir / im["file_name"]).convert("RGB") for im in coco["images"][:n]]
     per_image: list[list[dict[str, Any]]] = [[] for _ in images]
     for caption, spans in prompts:
         results = model.ground(images, [caption] * len(images), [[(s, e) for s, e, _ in spans]] * len(images),
@@ -312,11 +335,7 @@ def _prediction_tiles(model_dir: Path, world: WorldPaths, n: int, min_score: flo
             for (_, _, cat), dets in zip(spans, per_phrase):
                 per_image[i] += [{"bbox": d["bbox"], "label": names[cat], "score": d["score"], "colour": cat}
                                  for d in dets]
-    tiles = []
-    for img, dets in zip(images, per_image):
-        dets = _class_agnostic_top(dets)
-        tiles.append(draw_boxes(img, dets, scale=2))
-    return tiles
+    return [draw_boxes(img, _class_agnostic_top(dets), scale=2) for img, dets in zip(images, per_image)]
 
 
 def _class_agnostic_top(dets: list[dict[str, Any]], iou: float = 0.5, limit: int = 6) -> list[dict[str, Any]]:
@@ -344,18 +363,26 @@ def _pct(v: float | None) -> str:
     return "n/a" if v is None or v < 0 else f"{100 * v:.1f}"
 
 
-def report_rows(r: DemoReport) -> list[tuple[str, str, str]]:
-    """(what, teacher, student) rows shared by the stdout table and report.md."""
-    rows = [("COCO AP (eval set, all shapes)", _pct(r.teacher["AP"]), _pct(r.student["AP"])),
-            ("AP50", _pct(r.teacher["AP50"]), _pct(r.student["AP50"])),
-            ("AP75", _pct(r.teacher["AP75"]), _pct(r.student["AP75"]))]
-    for name, v in r.rare.items():
-        if name != "mean":
-            rows.append((f"AP {name} (rare in gold)", _pct(v["teacher"]), _pct(v["student"])))
-    rows.append(("AP rare shapes, mean", _pct(r.rare["mean"]["teacher"]), _pct(r.rare["mean"]["student"])))
-    cm = r.counts.get("common_mean", {})
-    rows.append(("AP common shapes, mean", _pct(cm.get("teacher")), _pct(cm.get("student"))))
+def _diff(a: float | None, b: float | None) -> str:
+    return "n/a" if a is None or b is None or a < 0 or b < 0 else f"{100 * (a - b):+.1f}"
+
+
+def report_rows(r: DemoReport) -> list[tuple[str, ...]]:
+    """(what, teacher, student, control, student - teacher, student - control) rows (stdout and report.md)."""
+    def row(name: str, values: dict[str, float]) -> tuple[str, ...]:
+        return (name, *(_pct(values[who]) for who in MODELS),
+                _diff(values["student"], values["teacher"]), _diff(values["student"], values["control"]))
+
+    rows = [row(name, {who: r.models[who][k] for who in MODELS})
+            for name, k in (("COCO AP, all shapes", "AP"), ("AP50", "AP50"), ("AP75", "AP75"))]
+    rows += [row(f"AP {name} (rare)", v) for name, v in r.rare.items() if name != "mean"]
+    rows.append(row("AP rare, mean", r.rare["mean"]))
+    rows.append(row("AP common, mean", r.common_mean))
     return rows
+
+
+REPORT_COLUMNS = ("", "teacher", "student", "control", "student - teacher", "student - control")
+SHORT_COLUMNS = ("", "teacher", "student", "control", "vs teacher", "vs control")   # the terminal table
 
 
 def count_rows(r: DemoReport) -> list[tuple[str, str]]:
@@ -363,17 +390,24 @@ def count_rows(r: DemoReport) -> list[tuple[str, str]]:
     rows = [("gold images (MDETR)", str(w["gold"])), ("crawled images (img2dataset)", str(w["crawled"])),
             ("eval images (COCO)", str(w["eval"])),
             ("phrases parsed from crawled captions", str(r.counts["parse"].get("phrases", "?"))),
-            ("pseudo-labelled images", str(r.counts["pseudo"].get("images", "?"))),
+            ("pseudo-labelled images", str(r.counts["pseudo"].get("written", "?"))),
             ("pseudo boxes", str(r.counts["pseudo"].get("boxes", "?")))]
     q = r.counts.get("pseudo_quality")
     if q:
         rows += [("pseudo boxes on shape phrases: correct (IoU>=0.5)", f"{100 * q['precision']:.0f}%"),
-                 ("  on rare shapes: correct", f"{100 * q['rare_precision']:.0f}% of {q['rare_boxes']}"),
+                 ("  on rare shapes: correct (precision)", f"{100 * q['rare_precision']:.0f}% of {q['rare_boxes']}"),
                  ("  rare-shape objects found (recall)", f"{100 * q['rare_recall']:.0f}%"),
                  ("pseudo boxes on phrases naming no shape", str(q["noise_boxes"]))]
+    for who in MODELS:
+        c = r.counts.get(who, {})
+        rows.append((f"{who}: preset, steps", f"{_preset_of(r, who)}, {c.get('steps', '?')}"))
     for k, v in r.seconds.items():
         rows.append((f"seconds: {k}", f"{v:.1f}"))
     return rows
+
+
+def _preset_of(r: DemoReport, who: str) -> str:
+    return r.options["teacher_preset"] if who == "teacher" else r.options["student_preset"]
 
 
 def print_report(r: DemoReport, console=None) -> None:
@@ -381,8 +415,9 @@ def print_report(r: DemoReport, console=None) -> None:
     from rich.table import Table
 
     console = console or Console()
-    t = Table(title="teacher (gold only) vs student (gold + pseudo-labels)")
-    for col in ("", "teacher", "student"):
+    t = Table(title="AP (%): teacher (gold) / student (bigger; gold + pseudo-labels) / control (student's "
+                    "size; gold); 'vs': student minus the other")
+    for col in SHORT_COLUMNS:
         t.add_column(col, justify="right" if col else "left")
     for row in report_rows(r):
         t.add_row(*row)
@@ -397,22 +432,40 @@ def print_report(r: DemoReport, console=None) -> None:
 
 def write_report_md(path: Path, r: DemoReport, pictures: dict[str, str]) -> None:
     shapes = r.counts["world"]["shapes"]
+    o = r.options
     lines = ["# glipctl demo report", "",
-             f"Seed {r.options['seed']}. A teacher GLIP (`tiny` preset) trained on gold only pseudo-labels the "
-             "crawled images; a student trained on gold + those pseudo-labels, with the same steps, batch "
-             "and learning rate, is compared on a COCO-format evaluation set where every shape is equally "
-             "common. Rare shapes: " + ", ".join(f"`{s}`" for s in r.rare if s != "mean") + ".", "",
-             "| | teacher | student |", "|---|---:|---:|"]
-    lines += [f"| {a} | {b} | {c} |" for a, b, c in report_rows(r)]
+             f"Seed {o['seed']}. A teacher GLIP (`{o['teacher_preset']}` preset) trained on gold only "
+             f"pseudo-labels the crawled images; a bigger student (`{o['student_preset']}`) trains on gold + "
+             "those pseudo-labels, and a control of the student's size on gold only, with the same steps, batch, "
+             "learning rate and seed. All three are compared on a COCO-format evaluation set where every shape "
+             "is equally common. Rare shapes: " + ", ".join(f"`{s}`" for s in r.rare if s != "mean") + ".", "",
+             "| " + " | ".join(REPORT_COLUMNS) + " |", "|---|" + "---:|" * (len(REPORT_COLUMNS) - 1)]
+    lines += ["| " + " | ".join(row) + " |" for row in report_rows(r)]
     lines += ["", "| data and time | |", "|---|---:|"] + [f"| {a} | {b} |" for a, b in count_rows(r)]
-    lines += ["", "Objects per shape in each split:", "", "| shape | gold | crawled | eval |", "|---|---:|---:|---:|"]
+    lines += ["", "## The commands", "",
+              "Each stage was this `glipctl` command. Run them in order from the same folder to reproduce "
+              "the demo stage by stage (the `--cpus-per-worker` value sets torch's threads; another value "
+              "changes float sums, so AP can move within the seed-to-seed spread). `glipctl evaluate "
+              "--out` writes the JSON the tables above are made from.", "", "```bash"]
+    lines += [c["command"] for c in r.commands]
+    lines += ["```", "", "Objects per shape in each split:", "", "| shape | gold | crawled | eval |",
+              "|---|---:|---:|---:|"]
     for s in sorted(set(shapes["eval"]) | set(shapes["gold"]) | set(shapes["crawled"])):
         lines.append(f"| {s} | {shapes['gold'].get(s, 0)} | {shapes['crawled'].get(s, 0)} | {shapes['eval'].get(s, 0)} |")
     captions = {"pseudo": "Pseudo-labelled crawled samples (teacher boxes, phrase and score)",
                 "teacher": "Teacher detections on eval images (prompt: all shape names)",
-                "student": "Student detections on the same images"}
+                "student": "Student detections on the same images",
+                "control": "Control detections on the same images"}
     for key, title in captions.items():
         if key in pictures:
             lines += ["", f"## {title}", "", f"![{key}]({pictures[key]})"]
     with atomic_write(path, "w") as fh:
         fh.write("\n".join(lines) + "\n")
+
+
+def commands_from_report(report_md: str | Path) -> list[str]:
+    """The ``glipctl`` lines of a report.md's command block (what a user copies)."""
+    lines = Path(report_md).read_text(encoding="utf-8").splitlines()
+    start = lines.index("## The commands")
+    block = lines[lines.index("```bash", start) + 1:]
+    return [line for line in block[:block.index("```")] if line.startswith("glipctl ")]

@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -331,6 +331,16 @@ class _Columns:
             [pa.array(self.key, pa.string()), pa.array(self.caption, pa.string()),
              ints(self.width), ints(self.height), pa.array(self.source, pa.string()),
              pa.array(self.file, pa.string()), phrases, boxes], schema=SAMPLE_SCHEMA)
+
+
+def samples_batch(rows: Iterable[tuple[dict[str, Any], str]], counts: StageCounts) -> pa.RecordBatch:
+    """SAMPLE_SCHEMA rows of ``(grounded-sample dict, file)`` pairs, checked as the view checks
+    tar records (a row that fails is a counted skip and left out): the view of samples already
+    in memory, so that a ``--where`` filter sees them exactly as ``inspect`` does."""
+    cols = _Columns()
+    for d, file in rows:
+        cols.add(d, file, counts)
+    return cols.to_batch()
 
 
 def iter_sample_batches(paths: list[str], counts: StageCounts, batch_size: int = 8192

@@ -10,11 +10,19 @@ Boxes stay COCO ``[x, y, w, h]`` in pixels. ``extra`` carries ``image_path``,
 ``image_id``, ``file_name`` and ``category_ids`` (one per phrase, aligned with
 ``phrases``). Crowd boxes (``iscrowd=1``) are dropped and counted, as GLIP does.
 Files and image folders are local paths or URIs (``storage.fs``).
+
+The way back, grounding samples to detection: ``box_category`` names a box's category
+(its phrase's root noun, or a name of a given vocabulary) and ``CocoDetectionWriter``
+writes any number of images in bounded memory.
 """
 from __future__ import annotations
 
+import json
 import math
+import os
 import re
+import shutil
+import tempfile
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -184,3 +192,133 @@ def write_coco_detection(samples: Iterable[GroundedSample], path: str | Path,
     """Write ``samples`` as a COCO detection JSON file (local path or URI), atomically
     (see ``coco_detection_dict``)."""
     fs.write_json(path, coco_detection_dict(samples, categories))
+
+
+# ----------------------------------------------------------------------------- grounding -> detection
+
+_WORD = re.compile(r"[^\W_]+(?:['-][^\W_]+)*")
+
+
+def normalize_category(name: str) -> str:
+    """A category name as matched: lower case, ``_`` as a space, single spaces."""
+    return " ".join(name.replace("_", " ").lower().split())
+
+
+def root_noun(sample: GroundedSample, box: Box) -> str | None:
+    """The category a box's phrase names, lower case: the phrase's ``root`` when it holds one
+    (parse-captions' head-noun lemma), the whole phrase for detection samples (their phrases
+    are category names: ``extra["vocabulary"]`` or a ``det/`` source), else the phrase's last
+    word. A box without a phrase reads its ``tokens_positive`` text. None when there is no word."""
+    phrase = sample.phrases[box.phrase] if 0 <= box.phrase < len(sample.phrases) else None
+    if phrase is not None and phrase.root:
+        return normalize_category(phrase.root) or None
+    text = phrase.text if phrase is not None else " ".join(sample.caption[s:e] for s, e in box.tokens_positive)
+    if "vocabulary" in sample.extra or sample.source.startswith("det/"):
+        return normalize_category(text) or None
+    words = _WORD.findall(text)
+    return words[-1].lower() if words else None
+
+
+def box_category(sample: GroundedSample, box: Box, vocabulary: frozenset[str] | None = None) -> str | None:
+    """The category of ``box``: its ``root_noun``; with a ``vocabulary`` (normalized names,
+    ``normalize_category``) the root noun when listed, else the longest listed name the phrase
+    ends with at a word boundary ("traffic light" for "the red traffic light"), else None."""
+    root = root_noun(sample, box)
+    if vocabulary is None or root in vocabulary:
+        return root
+    phrase = sample.phrases[box.phrase] if 0 <= box.phrase < len(sample.phrases) else None
+    text = normalize_category(phrase.text if phrase is not None
+                              else " ".join(sample.caption[s:e] for s, e in box.tokens_positive))
+    words = text.split()
+    for k in range(len(words), 0, -1):        # the longest tail first
+        tail = " ".join(words[-k:])
+        if tail in vocabulary:
+            return tail
+    return None
+
+
+class CocoDetectionWriter:
+    """A COCO detection JSON file written image by image in bounded memory.
+
+    Usage::
+
+        with CocoDetectionWriter(path, categories=["cat", "dog"]) as w:
+            w.add("abc.jpg", 640, 480, [([x, y, w, h], "cat", 0.8), ...], key="...", source="...")
+
+    ``categories``: the vocabulary, ids 1..N in this order (a box of another name is left
+    out; ``add`` returns how many were); None: every name added, ids 1..N in sorted order.
+    Boxes are ``[x, y, w, h]`` pixels; ``area`` is w * h, ``iscrowd`` 0, ``score`` written
+    when not 1.0. Extra keyword fields go into the image entry (COCO readers ignore them).
+    Images and annotations spool to a local temporary folder; on leaving the ``with`` block
+    the file is written through ``fs.open_output`` (local path or URI, complete or absent);
+    by an exception, nothing is.
+    """
+
+    def __init__(self, path: str | Path, categories: list[str] | None = None,
+                 description: str = "grounded samples as COCO detection"):
+        self.path = path
+        self.fixed = categories is not None
+        self.category_ids: dict[str, int] = {c: i + 1 for i, c in enumerate(categories or [])}
+        self.description = description
+        self.images = 0
+        self.annotations = 0
+        self._dir: str | None = None
+        self._images_fh = None
+        self._anns_fh = None
+
+    def __enter__(self) -> "CocoDetectionWriter":
+        self._dir = tempfile.mkdtemp(prefix=".coco-spool-")
+        self._images_fh = open(os.path.join(self._dir, "images.jsonl"), "w", encoding="utf-8")
+        self._anns_fh = open(os.path.join(self._dir, "annotations.jsonl"), "w", encoding="utf-8")
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            self._images_fh.close()
+            self._anns_fh.close()
+            if exc_type is None:
+                self._write()
+        finally:
+            shutil.rmtree(self._dir, ignore_errors=True)
+
+    def add(self, file_name: str, width: int, height: int,
+            boxes: Iterable[tuple[list[float], str, float]], **fields: Any) -> int:
+        """One image and its boxes ``([x, y, w, h] px, category name, score)``; returns the
+        number of boxes left out because their name is not in a fixed vocabulary."""
+        self.images += 1
+        image_id = self.images
+        image = {"id": image_id, "file_name": file_name, "width": int(width), "height": int(height), **fields}
+        self._images_fh.write(json.dumps(image, ensure_ascii=False) + "\n")
+        left_out = 0
+        for bbox, name, score in boxes:
+            if self.fixed and name not in self.category_ids:
+                left_out += 1
+                continue
+            if not self.fixed:
+                self.category_ids.setdefault(name, 0)     # ids are given in sorted order at the end
+            x, y, w, h = (float(v) for v in bbox)
+            self._anns_fh.write(json.dumps([image_id, name, x, y, w, h, float(score)], ensure_ascii=False) + "\n")
+            self.annotations += 1
+        return left_out
+
+    def _write(self) -> None:
+        if not self.fixed:
+            self.category_ids = {name: i + 1 for i, name in enumerate(sorted(self.category_ids))}
+        categories = [{"id": i, "name": name, "supercategory": "object"} for name, i in self.category_ids.items()]
+        head = {"info": {"description": self.description}, "licenses": [], "categories": categories}
+        with fs.open_output(self.path) as out:
+            out.write(json.dumps(head, ensure_ascii=False)[:-1].encode("utf-8"))
+            out.write(b', "images": [')
+            with open(os.path.join(self._dir, "images.jsonl"), encoding="utf-8") as fh:
+                for n, line in enumerate(fh):
+                    out.write(((", " if n else "") + line.rstrip("\n")).encode("utf-8"))
+            out.write(b'], "annotations": [')
+            with open(os.path.join(self._dir, "annotations.jsonl"), encoding="utf-8") as fh:
+                for n, line in enumerate(fh):
+                    image_id, name, x, y, w, h, score = json.loads(line)
+                    ann = {"id": n + 1, "image_id": image_id, "category_id": self.category_ids[name],
+                           "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0}
+                    if score != 1.0:
+                        ann["score"] = score
+                    out.write(((", " if n else "") + json.dumps(ann)).encode("utf-8"))
+            out.write(b"]}\n")

@@ -15,8 +15,11 @@ with the label map (``{"label": "name"}``) from a file, a dict, or the instances
 ``category`` fields. A region without ``tokens_positive`` grounds the first
 occurrence of its phrase in the caption.
 
-Our writer adds ``key`` and ``source`` to each line (ODVG readers ignore unknown
-fields) so a written file reads back with the same keys. Files, label maps and image
+Our writer adds ``key``, ``source`` and ``phrases`` (every phrase of the sample,
+``{text, start, end[, root]}``, grounded or not) to each line (ODVG readers, MMDetection's
+and Open-GroundingDino's, ignore unknown fields) so a written file reads back with the same
+keys and phrases; a region then belongs to the listed phrase whose span is its first
+``tokens_positive`` span. Files, label maps and image
 folders are local paths or URIs (``storage.fs``); the file is streamed, not read whole.
 """
 from __future__ import annotations
@@ -162,6 +165,11 @@ def _grounding_sample(obj: dict[str, Any], name: str, n: int, counts: StageCount
     phrases: list[Phrase] = []
     index_of: dict[tuple[int, int], int] = {}
     boxes: list[Box] = []
+    for p in obj.get("phrases") or []:     # our writer's list (validation drops bad spans)
+        start, end = int(p["start"]), int(p["end"])
+        if (start, end) not in index_of:
+            index_of[(start, end)] = len(phrases)
+            phrases.append(Phrase(caption[start:end], start, end, p.get("root")))
     for region in g.get("regions") or []:
         spans = [[int(s), int(e)] for s, e in region.get("tokens_positive") or []]
         if not spans:
@@ -224,11 +232,17 @@ def _phrase_text(s: GroundedSample, b: Box) -> str:
 
 
 def odvg_line(s: GroundedSample, variant: str = "grounding", image_root: str | Path | None = None,
-              label_of: Callable[[GroundedSample, Box], tuple[int, str] | None] | None = None) -> dict[str, Any]:
-    """One ODVG object for ``s`` (``variant`` "grounding" or "detection")."""
-    line: dict[str, Any] = {"filename": _odvg_file_name(s, image_root), "height": int(s.height),
+              label_of: Callable[[GroundedSample, Box], tuple[int, str] | None] | None = None,
+              file_name: str | None = None) -> dict[str, Any]:
+    """One ODVG object for ``s`` (``variant`` "grounding" or "detection").
+
+    ``filename`` is ``file_name`` when given, else the sample's image path relative to
+    ``image_root``, its ``extra["file_name"]``, or ``<key>.jpg``.
+    """
+    line: dict[str, Any] = {"filename": file_name or _odvg_file_name(s, image_root), "height": int(s.height),
                             "width": int(s.width), "key": s.key, "source": s.source}
     if variant == "grounding":
+        line["phrases"] = [p.to_dict() for p in s.phrases]
         regions = []
         for b in s.boxes:
             r = {"bbox": xywh_to_xyxy(b.bbox), "phrase": _phrase_text(s, b),
@@ -253,6 +267,41 @@ def odvg_line(s: GroundedSample, variant: str = "grounding", image_root: str | P
     return line
 
 
+class OdvgWriter:
+    """ODVG JSONL written line by line to a local path or URI, complete or absent (``fs.open_output``).
+
+    Usage::
+
+        with OdvgWriter(path) as w:
+            w.write(sample, file_name="abc.jpg")
+
+    Leaving the ``with`` block by an exception leaves no file. Arguments as ``odvg_line``.
+    """
+
+    def __init__(self, path: str | Path, variant: str = "grounding", image_root: str | Path | None = None,
+                 label_of: Callable[[GroundedSample, Box], tuple[int, str] | None] | None = None):
+        if variant not in ("grounding", "detection"):
+            raise ValueError(f"unknown ODVG variant {variant!r}")
+        self.path, self.variant, self.image_root, self.label_of = path, variant, image_root, label_of
+        self.lines = 0
+        self._output = None
+        self._fh = None
+
+    def __enter__(self) -> "OdvgWriter":
+        self._output = fs.open_output(self.path)
+        self._fh = self._output.__enter__()
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        output, self._output, self._fh = self._output, None, None
+        return output.__exit__(exc_type, exc, tb)
+
+    def write(self, s: GroundedSample, file_name: str | None = None) -> None:
+        line = odvg_line(s, self.variant, self.image_root, self.label_of, file_name)
+        self._fh.write((json.dumps(line, ensure_ascii=False) + "\n").encode("utf-8"))
+        self.lines += 1
+
+
 def write_odvg(samples: Iterable[GroundedSample], path: str | Path, variant: str = "grounding",
                image_root: str | Path | None = None, label_map_path: str | Path | None = None) -> dict[int, str]:
     """Write ``samples`` as ODVG JSONL (local path or URI), atomically; returns the label map
@@ -275,10 +324,9 @@ def write_odvg(samples: Iterable[GroundedSample], path: str | Path, variant: str
         labels.setdefault(label, category_name({"name": text}))
         return label, labels[label]
 
-    with fs.open_output(path) as fh:
+    with OdvgWriter(path, variant, image_root, label_of) as w:
         for s in samples:
-            fh.write((json.dumps(odvg_line(s, variant, image_root, label_of), ensure_ascii=False) + "\n")
-                     .encode("utf-8"))
+            w.write(s)
     if variant == "detection" and label_map_path is not None:
         fs.write_bytes(label_map_path, json.dumps({str(k): v for k, v in sorted(labels.items())},
                                                   indent=1).encode("utf-8"))

@@ -19,6 +19,7 @@ import json
 import os
 import re
 import tarfile
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 from storage import fs
@@ -256,13 +257,22 @@ def validated(sample: GroundedSample, counts: StageCounts, where: str) -> Ground
     return clean
 
 
-def iter_shard_samples(paths: list[str] | list[os.PathLike], counts: StageCounts,
-                       with_images: bool = True) -> Iterator[tuple[GroundedSample, bytes]]:
-    """Stream ``(sample, image_bytes)`` from pseudo-label shards (tars, or folders of tars).
+@dataclass(frozen=True)
+class ShardEntry:
+    """One sample of a shard with where it came from: ``member`` is its tar member stem and
+    ``ext`` its image's extension (``member.ext`` is the image's name inside ``tar``; ``""``
+    when the sample has no image member and images were not read); ``image`` the original
+    bytes, ``b""`` when they were not read."""
+    sample: GroundedSample
+    image: bytes
+    tar: str
+    member: str
+    ext: str
 
-    ``with_images=False`` skips reading image bytes (yields ``b""``), for metadata-only
-    consumers such as the Arrow view. Truncated tars and bad members are counted skips.
-    """
+
+def iter_shard_entries(paths: list[str] | list[os.PathLike], counts: StageCounts,
+                       with_images: bool = True) -> Iterator[ShardEntry]:
+    """``iter_shard_samples`` with each sample's tar, member stem and image extension."""
     wanted = frozenset(("json",) + (IMAGE_EXTENSIONS if with_images else ()))
     for path in list_shard_files(paths):
         for stem, group in iter_tar_groups(path, counts, wanted):
@@ -271,12 +281,24 @@ def iter_shard_samples(paths: list[str] | list[os.PathLike], counts: StageCounts
             if group.get("json") is None:
                 counts.skip("missing_json", where)
                 continue
-            image = b""
             if with_images:
-                image = next((group[e] for e in IMAGE_EXTENSIONS if group.get(e)), None)
-                if image is None:
+                ext = next((e for e in IMAGE_EXTENSIONS if group.get(e)), None)
+                if ext is None:
                     counts.skip("missing_image", where)
                     continue
+            else:   # unread members map to None: their extension is known without their bytes
+                ext = next((e for e in IMAGE_EXTENSIONS if e in group), "")
             sample = parse_sample_json(group["json"], counts, where)
             if sample is not None:
-                yield sample, image
+                yield ShardEntry(sample, group[ext] if with_images else b"", path, stem, ext)
+
+
+def iter_shard_samples(paths: list[str] | list[os.PathLike], counts: StageCounts,
+                       with_images: bool = True) -> Iterator[tuple[GroundedSample, bytes]]:
+    """Stream ``(sample, image_bytes)`` from pseudo-label shards (tars, or folders of tars).
+
+    ``with_images=False`` skips reading image bytes (yields ``b""``), for metadata-only
+    consumers such as the Arrow view. Truncated tars and bad members are counted skips.
+    """
+    for entry in iter_shard_entries(paths, counts, with_images):
+        yield entry.sample, entry.image

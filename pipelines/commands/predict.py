@@ -12,15 +12,21 @@ from storage.errors import InputError
 def phrase_spans(prompt: str, phrases: str, spacy_model: str | None = None) -> list[tuple[int, int]]:
     """Character spans of the phrases to ground in ``prompt``.
 
-    ``phrases`` is ``"auto"`` (spaCy noun phrases, the same extractor as parse-captions; the
-    whole prompt when it has none) or ``"text;text;..."``: each text found in the prompt,
-    searching left to right from the end of the previous one.
+    ``phrases`` is ``"auto"`` or ``"text;text;..."``. Auto: a category-list prompt
+    (``"star. heart. circle."``, ``labeling.phrases.category_list_spans``) grounds each name as
+    its own phrase, as the official GLIP / Grounding DINO demos do; any other prompt gets its
+    spaCy noun phrases (the same extractor as parse-captions; the whole prompt when it has
+    none). ``"text;text;..."``: each text found in the prompt, searching left to right from
+    the end of the previous one.
     """
     if not prompt.strip():
         raise InputError("--prompt is empty")
     if phrases.strip() == "auto":
-        from labeling.phrases import DEFAULT_SPACY_MODEL, PhraseExtractor, load_spacy
+        from labeling.phrases import DEFAULT_SPACY_MODEL, PhraseExtractor, category_list_spans, load_spacy
 
+        listed = category_list_spans(prompt)
+        if listed is not None:
+            return listed
         found = PhraseExtractor(load_spacy(spacy_model or DEFAULT_SPACY_MODEL)).extract(prompt)
         spans = [(int(p["start"]), int(p["end"])) for p in found]
         return spans or [(0, len(prompt))]
@@ -38,6 +44,27 @@ def phrase_spans(prompt: str, phrases: str, spacy_model: str | None = None) -> l
     if not spans:
         raise InputError("--phrases names no phrase")
     return spans
+
+
+def check_device(device: str) -> None:
+    """InputError unless torch can run on ``device`` (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...): checked
+    before the model is loaded."""
+    from labeling.teacher import TeacherDeviceError
+    from labeling.teacher import check_device as check_teacher_device
+
+    try:
+        check_teacher_device(device)
+    except (TeacherDeviceError, RuntimeError, ValueError) as exc:
+        raise InputError(f"--device {device}: {exc}") from None
+
+
+def to_device(model, device: str):
+    """``model`` (GLIP or a transformers teacher: ``nn.Module``-like) moved to ``device``."""
+    try:
+        moved = model.to(device)
+    except (RuntimeError, AssertionError) as exc:   # a torch built without that backend
+        raise InputError(f"--device {device}: cannot move the model there ({exc})") from None
+    return model if moved is None else moved
 
 
 def predict_images(model, paths: list[str], prompt: str, spans: list[tuple[int, int]],
@@ -76,9 +103,14 @@ def main(
                                                        "or an official GLIP .pth; a local path or a URI.")],
     prompt: Annotated[str, typer.Option("--prompt", help="The text the model reads, e.g. 'a red star and a "
                                                          "blue circle'.")],
-    phrases: Annotated[str, typer.Option("--phrases", help="'auto': spaCy noun phrases of the prompt (as "
-                                                           "parse-captions); or phrases to ground separated by "
-                                                           "';', each a substring of the prompt.")] = "auto",
+    phrases: Annotated[str, typer.Option("--phrases", help="'auto': a category-list prompt ('star. heart. "
+                                                           "circle.': two or more names of up to four words, "
+                                                           "separated by '. ', optional final '.') grounds each "
+                                                           "name as its own phrase, as the official GLIP / "
+                                                           "Grounding DINO demos do; any other prompt its spaCy "
+                                                           "noun phrases (as parse-captions). Or phrases to "
+                                                           "ground separated by ';', each a substring of the "
+                                                           "prompt.")] = "auto",
     threshold: Annotated[float | None, typer.Option("--threshold", help="Keep boxes scoring at least this "
                                                     "(default: the model's score_threshold).")] = None,
     max_per_phrase: Annotated[int, typer.Option("--max-per-phrase", help="At most this many boxes per "
@@ -87,8 +119,13 @@ def main(
                                                    "boxes and phrase labels drawn, and predictions.json.")] = "predictions",
     spacy_model: Annotated[str | None, typer.Option("--spacy-model", help="spaCy pipeline for --phrases auto "
                                                     "(installed name or path).")] = None,
+    device: Annotated[str, typer.Option("--device", help="Where the model runs: 'cpu', 'cuda', 'cuda:1', "
+                                                         "...")] = "cpu",
 ) -> None:
-    """Ground the phrases of a prompt in images: print the boxes and write PNGs with them drawn."""
+    """Ground the phrases of a prompt in images: print the boxes and write PNGs with them drawn.
+
+    A prompt that lists category names ("star. heart. circle.") grounds each name as its own phrase; a sentence gets its noun phrases (spaCy). --phrases names them explicitly.
+    """
     import io
 
     from rich.console import Console
@@ -103,8 +140,9 @@ def main(
     for p in images:
         if fs.kind_of(p) != "file":
             raise InputError(f"{p}: no such image")
+    check_device(device)
     spans = phrase_spans(prompt, phrases, spacy_model)
-    net = load_model(model)
+    net = to_device(load_model(model), device)
     results = predict_images(net, images, prompt, spans, threshold, max_per_phrase)
 
     stdout = Console()
@@ -133,5 +171,5 @@ def main(
         fs.write_bytes(r["png"], png.getvalue())
     stdout.print(table)
     fs.write_json(fs.join(out, "predictions.json"), {"prompt": prompt, "phrases": [prompt[s:e] for s, e in spans],
-                                                     "threshold": threshold, "images": results})
+                                                     "threshold": threshold, "device": device, "images": results})
     stdout.print(f"wrote {len(results)} PNG(s) and predictions.json to {out}")

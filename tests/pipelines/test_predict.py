@@ -171,3 +171,88 @@ def test_predict_evaluate_and_convert_take_uris(cli, tiny_checkpoint, shapes_ima
     r = cli("convert-official", fs.join(s3_prefix, "junk.pth"), "--out", fs.join(s3_prefix, "converted"))
     assert r.exit_code == 2 and "cannot read checkpoint" in " ".join(r.output.split())
     assert not fs.exists(fs.join(s3_prefix, "converted", "config.json"))
+
+
+# ---- category-list prompts (the official demos' "a. b. c." form) and --device
+
+SHAPES_PROMPT = "star. heart. circle. square. cross. triangle."
+SHAPES = ["star", "heart", "circle", "square", "cross", "triangle"]
+
+
+def test_category_list_prompt_gives_one_span_per_name_without_spacy(monkeypatch):
+    import labeling.phrases
+    from pipelines.commands.predict import phrase_spans
+
+    def no_spacy(*args, **kwargs):
+        raise AssertionError("a category list must not be parsed")
+
+    monkeypatch.setattr(labeling.phrases, "load_spacy", no_spacy)
+    spans = phrase_spans(SHAPES_PROMPT, "auto")
+    assert [SHAPES_PROMPT[s:e] for s, e in spans] == SHAPES
+    assert spans == [(0, 4), (6, 11), (13, 19), (21, 27), (29, 34), (36, 44)]
+    for prompt, names in [("cat . dog .", ["cat", "dog"]),                       # Grounding DINO's spacing
+                          ("person. bicycle. traffic light", ["person", "bicycle", "traffic light"]),
+                          ("aerosol_can. t-shirt. baby's breath.", ["aerosol_can", "t-shirt", "baby's breath"])]:
+        assert [prompt[s:e] for s, e in phrase_spans(prompt, "auto")] == names
+
+
+@pytest.mark.parametrize("prompt", [
+    "A red square and a blue square.",          # one sentence
+    "star.",                                    # one name: spaCy finds the same noun
+    "a 3.5 inch square. a star",                # a dot inside a name
+    "a square, a star. a heart",                # a comma: prose
+    "a man riding a brown horse on the beach. the sun sets.",   # names are at most four words
+])
+def test_prose_prompts_still_go_through_spacy(prompt):
+    from labeling.phrases import category_list_spans
+
+    assert category_list_spans(prompt) is None
+
+
+def test_prose_prompt_uses_spacy_noun_phrases(monkeypatch):
+    import labeling.phrases
+    from pipelines.commands.predict import phrase_spans
+
+    calls = []
+    real = labeling.phrases.load_spacy
+    monkeypatch.setattr(labeling.phrases, "load_spacy", lambda name: calls.append(name) or real(name))
+    prompt = "A red square and a blue square."
+    assert [prompt[s:e] for s, e in phrase_spans(prompt, "auto")] == ["A red square", "a blue square"]
+    assert calls == [labeling.phrases.DEFAULT_SPACY_MODEL]
+    # what the issue saw: spaCy reads the list as text and merges two names into one phrase
+    found = labeling.phrases.PhraseExtractor(real()).extract(SHAPES_PROMPT)
+    assert [p["text"] for p in found] != SHAPES
+
+
+def test_predict_cli_grounds_each_listed_name(cli, tiny_checkpoint, shapes_image, tmp_path):
+    out = tmp_path / "list"
+    r = cli("predict", shapes_image, "--model", tiny_checkpoint, "--prompt", SHAPES_PROMPT,
+            "--threshold", "0", "--max-per-phrase", "1", "--device", "cpu", "--out", out)
+    assert r.exit_code == 0, r.output
+    preds = json.loads((out / "predictions.json").read_text())
+    assert preds["phrases"] == SHAPES
+    boxes = preds["images"][0]["boxes"]
+    assert [b["phrase"] for b in boxes] == SHAPES                 # one box per name, in prompt order
+    assert [b["span"] for b in boxes] == [[s, e] for s, e in [(0, 4), (6, 11), (13, 19), (21, 27), (29, 34),
+                                                                 (36, 44)]]
+    table = [line for line in r.output.splitlines() if "shapes.jpg" in line]
+    assert [next(n for n in SHAPES if f" {n} " in line) for line in table] == SHAPES
+
+
+def test_predict_device_option(cli, tiny_checkpoint, shapes_image, tmp_path):
+    import torch
+
+    from pipelines.commands.predict import to_device
+
+    r = cli("predict", shapes_image, "--model", tiny_checkpoint, "--prompt", "star. heart.",
+            "--device", "no-such-device", "--out", tmp_path / "x")
+    assert r.exit_code == 2 and "--device" in r.output
+    if not torch.cuda.is_available():
+        r = cli("predict", shapes_image, "--model", tiny_checkpoint, "--prompt", "star. heart.",
+                "--device", "cuda", "--out", tmp_path / "x")
+        assert r.exit_code == 2 and "CUDA is not available" in " ".join(r.output.split())
+    else:   # a lent GPU: the model really moves
+        from labeling.evaluation import load_model
+
+        net = to_device(load_model(tiny_checkpoint), "cuda")
+        assert next(net.parameters()).device.type == "cuda"

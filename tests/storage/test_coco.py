@@ -109,6 +109,57 @@ def test_write_from_pseudo_samples_names_categories_by_phrase(tmp_path, make_sam
     assert data["annotations"][1]["score"] == 0.8
 
 
+def test_box_category_root_noun_and_vocabulary(make_sample):
+    from storage.coco import box_category, normalize_category, root_noun
+    from storage.packed import detection_sample
+    from storage.records import Box, GroundedSample, Phrase
+
+    s = make_sample("x", n_boxes=2)                              # phrases carry roots "dog", "lawn"
+    assert [root_noun(s, b) for b in s.boxes] == ["dog", "lawn"]
+    caption = "the big Trees near a traffic light"
+    t = GroundedSample("t", caption, 50, 50, [Phrase("the big Trees", 0, 13), Phrase("a traffic light", 19, 34)],
+                       [Box([1, 1, 5, 5], [[0, 13]], 0), Box([1, 1, 5, 5], [[19, 34]], 1),
+                        Box([1, 1, 5, 5], [[4, 7], [8, 13]], -1)])
+    assert [root_noun(t, b) for b in t.boxes] == ["trees", "light", "trees"]   # last word; no phrase: its spans
+    det = detection_sample("det/x/1", 50, 50, [([1, 1, 5, 5], "traffic light")], "det/x", "x")
+    assert root_noun(det, det.boxes[0]) == "traffic light"                     # a category name is whole
+    vocab = frozenset(normalize_category(n) for n in ["Traffic_Light", "dog"])
+    assert [box_category(t, b, vocab) for b in t.boxes] == [None, "traffic light", None]
+    assert [box_category(s, b, vocab) for b in s.boxes] == ["dog", None]
+
+
+def test_coco_detection_writer_streams_fixed_vocabulary_and_aborts(tmp_path):
+    import contextlib
+    import io
+
+    import pytest
+    from pycocotools.coco import COCO
+
+    from storage.coco import CocoDetectionWriter
+
+    out = tmp_path / "d.json"
+    with CocoDetectionWriter(out, ["dog", "cat"]) as w:
+        assert w.add("a.jpg", 40, 30, [([1, 2, 3, 4], "cat", 0.5), ([0, 0, 9, 9], "unicorn", 1.0)], key="a") == 1
+        assert w.add("b.png", 20, 10, []) == 0
+        assert w.add("c.jpg", 40, 30, [([5, 5, 10, 10], "dog", 1.0)]) == 0
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco = COCO(str(out))
+    assert [c["name"] for c in coco.loadCats([1, 2])] == ["dog", "cat"]
+    assert [(a["image_id"], a["category_id"], a["bbox"], a.get("score")) for a in coco.loadAnns(coco.getAnnIds())] \
+        == [(1, 2, [1.0, 2.0, 3.0, 4.0], 0.5), (3, 1, [5.0, 5.0, 10.0, 10.0], None)]
+    assert coco.imgs[1]["key"] == "a" and coco.imgs[2]["file_name"] == "b.png"
+    with CocoDetectionWriter(tmp_path / "open.json") as w:         # open vocabulary: ids by sorted name
+        w.add("a.jpg", 40, 30, [([1, 2, 3, 4], "zebra", 1.0), ([1, 2, 3, 4], "ant", 1.0)])
+    data = json.loads((tmp_path / "open.json").read_text())
+    assert data["categories"][0] == {"id": 1, "name": "ant", "supercategory": "object"}
+    assert [a["category_id"] for a in data["annotations"]] == [2, 1]
+    with pytest.raises(RuntimeError):
+        with CocoDetectionWriter(tmp_path / "never.json") as w:
+            w.add("a.jpg", 40, 30, [([1, 2, 3, 4], "cat", 1.0)])
+            raise RuntimeError("crash")
+    assert not (tmp_path / "never.json").exists()
+
+
 def test_coco_on_s3_reads_and_writes_like_local(s3_env, s3_prefix, tmp_path, make_jpeg):
     from storage import fs
 

@@ -23,6 +23,26 @@ def test_grounding_round_trip_keeps_multi_span_and_scores(tmp_path, make_sample)
     assert [p.text for p in back[0].phrases] == ["a red dog", "a green lawn"]
 
 
+def test_written_phrases_come_back_grounded_or_not_with_roots(tmp_path, make_sample):
+    import pytest
+
+    from storage.odvg import OdvgWriter
+
+    s = make_sample("a", n_boxes=1)              # "a green lawn" has no box
+    out = tmp_path / "p.jsonl"
+    write_odvg([s], out)
+    line = json.loads(out.read_text())
+    assert line["phrases"] == [p.to_dict() for p in s.phrases] and len(line["grounding"]["regions"]) == 1
+    (back,) = load_odvg(out, None, StageCounts())
+    assert [p.to_dict() for p in back.phrases] == [p.to_dict() for p in s.phrases]
+    assert [b.to_dict() for b in back.boxes] == [b.to_dict() for b in s.boxes]
+    with pytest.raises(RuntimeError):
+        with OdvgWriter(tmp_path / "never.jsonl") as w:
+            w.write(s, file_name="x.jpg")
+            raise RuntimeError("crash")
+    assert not (tmp_path / "never.jsonl").exists()
+
+
 def test_third_party_grounding_line_without_spans(tmp_path, make_jpeg):
     (tmp_path / "im.jpg").write_bytes(make_jpeg(40, 30))
     lines = [{"filename": "im.jpg", "height": 30, "width": 40,
