@@ -3,7 +3,9 @@ prompt) and phrase-grounding Recall@k (Flickr30K Entities protocol). No Ray.
 
 Boxes everywhere here are COCO ``[x, y, w, h]`` in original-image pixels, which is what
 ``GLIP.ground`` returns and what pycocotools expects. Annotation files, image folders and
-models are local paths or URIs (``storage.fs``).
+models are local paths or URIs (``storage.fs``). A model is a ``glip.GLIP`` or a transformers
+zero-shot detector (``labeling.hf_teacher.HFGrounder``: Grounding DINO, MM Grounding DINO,
+OWLv2; a folder or a hub id), both with the same ``ground`` surface.
 
 Recall@k protocol (documented choice): a phrase counts as recalled at k when ANY of the
 model's k best boxes for it has IoU >= 0.5 with ANY of its ground-truth boxes (the
@@ -202,9 +204,7 @@ def detect_coco(model, ann_json: str | Path, image_root: str | Path, *, batch_si
         if not images:
             continue
         per_image: list[list[dict[str, Any]]] = [[] for _ in images]
-        for caption, spans in prompts:
-            results = model.ground(images, [caption] * len(images), [[(s, e) for s, e, _ in spans]] * len(images),
-                                   threshold=threshold)
+        for (caption, spans), results in zip(prompts, _ground_prompts(model, images, prompts, threshold)):
             for i, per_phrase in enumerate(results):
                 for (_, _, cat_id), boxes in zip(spans, per_phrase):
                     for b in boxes:
@@ -218,6 +218,19 @@ def detect_coco(model, ann_json: str | Path, image_root: str | Path, *, batch_si
         if progress:
             progress(len(batch))
     return detections, evaluated, coco_gt
+
+
+def _ground_prompts(model, images: list, prompts: list[tuple[str, list[tuple[int, int, int]]]],
+                    threshold: float | None) -> Iterable[list[list[list[dict[str, Any]]]]]:
+    """Per prompt, ``model.ground`` of every image with that prompt. A model whose image side does not
+    depend on the text (OWLv2: ``reuses_image_features``) grounds all prompts in one image-encoder pass
+    (``ground_prompts``, the same detections); GLIP-family models run each prompt."""
+    plain = [(caption, [(s, e) for s, e, _ in spans]) for caption, spans in prompts]
+    if getattr(model, "reuses_image_features", False):
+        yield from model.ground_prompts(images, plain, threshold=threshold)
+        return
+    for caption, spans in plain:
+        yield model.ground(images, [caption] * len(images), [spans] * len(images), threshold=threshold)
 
 
 def evaluate_coco(model, ann_json: str | Path, image_root: str | Path, **kwargs) -> dict[str, Any]:
@@ -279,19 +292,43 @@ def evaluate_grounding(model, ann_json: str | Path, image_root: str | Path, *, b
     return out
 
 
-def load_model(path: str | Path):
-    """A GLIP model in eval mode from a glipctl checkpoint directory or an official ``.pth``,
-    local or a URI (a remote model is copied into the local cache once, without a training
-    run's optimizer state: ``storage.checkpoints.local_model``).
+def load_model(path: str | Path, device: str | None = None):
+    """A model in eval mode: GLIP from a glipctl checkpoint directory or an official ``.pth``; a
+    transformers zero-shot detector (``HFGrounder``) from its folder (``config.json`` ``model_type``
+    grounding-dino, mm-grounding-dino, owlv2) or a hub id. Local or a URI (a remote model is copied
+    into the local cache once, without a training run's optimizer state:
+    ``storage.checkpoints.local_model``). ``device``: move it there (``InputError`` when torch
+    cannot use that device).
 
     Raises InputError when ``path`` does not exist or cannot be loaded as a model.
     """
+    model = _load_model(path)
+    return model if device is None else move_model(model, device)
+
+
+def move_model(model, device: str):
+    """``model`` (GLIP or ``HFGrounder``) moved to ``device``; InputError when torch cannot use it."""
+    from labeling.teacher import TeacherDeviceError, check_device
+
+    try:
+        check_device(device)
+        return model.to(device)
+    except (TeacherDeviceError, RuntimeError, ValueError) as exc:
+        raise InputError(f"--device {device}: {exc}") from None
+
+
+def _load_model(path: str | Path):
     import glip
 
+    from labeling.hf_teacher import hf_model_type, is_hub_id, load_hf_grounder
     from storage.checkpoints import local_model
 
+    if is_hub_id(str(path)):
+        return load_hf_grounder(str(path)).eval()
     if fs.kind_of(path) is None:
         raise InputError(f"--model {path}: no such checkpoint")
+    if fs.is_dir(path) and fs.is_file(fs.join(path, "config.json")) and hf_model_type(fs.normalize(path)):
+        return load_hf_grounder(local_model(path)).eval()
     loader = getattr(glip, "load_teacher", None)
     try:
         local = local_model(path)

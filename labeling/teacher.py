@@ -1,18 +1,33 @@
 """The teacher: a model that grounds caption phrases in images, and its identity.
 
 ``Teacher`` is the protocol the pseudo-label stage programs against; ``GLIPTeacher``
-wraps ``glip.GLIP.ground``. The work is split so that a pipeline can overlap CPU and
-accelerator work:
+wraps ``glip.GLIP.ground``, ``labeling.hf_teacher.HFTeacher`` a transformers zero-shot
+detector (Grounding DINO, MM Grounding DINO, OWLv2); ``load_teacher`` picks one for a path.
+The work is split so that a pipeline can overlap CPU and accelerator work:
 
 - ``TeacherResize`` (picklable, no model loaded): decoded RGB PIL image -> resized
-  ``uint8`` array ``[h, w, 3]``, the resize of ``GLIP.prepare_image`` (shorter side to
-  ``min_size``, longer side at most ``max_size``). Runs in cheap CPU tasks.
+  ``uint8`` array ``[h, w, 3]``, the resize the teacher's own preprocessing does
+  (GLIP: ``GLIP.prepare_image``, shorter side to ``min_size``, longer side at most
+  ``max_size``; transformers models: their image processor's size rule). Runs in cheap CPU tasks.
 - ``Teacher.ground`` (where the model lives): those arrays plus the original sizes,
   captions and phrase spans -> per image, per phrase, detections
   ``{"bbox": [x, y, w, h], "score": float}`` in ORIGINAL image pixels (COCO xywh), best first.
 
-Identity: the sha256 of the checkpoint (``checkpoint_sha256``), recorded in every
-pseudo-labeled sample, so a label can always be traced to the weights that made it.
+Teachers, by ``--teacher`` value (``_teacher_kind``):
+
+- a glipctl checkpoint folder (``config.json`` without ``model_type``): "glipctl";
+- an official GLIP ``.pth`` (also ``.pt``/``.bin``/``.ckpt``): "official";
+- a transformers model folder whose ``config.json`` ``model_type`` is grounding-dino,
+  mm-grounding-dino or owlv2: "transformers";
+- a Hugging Face hub id (``owner/name`` or ``owner/name@revision``) that is not an existing
+  local path: "transformers", resolved through the hub cache (``huggingface_hub``; offline
+  when ``HF_HUB_OFFLINE=1`` and the model is cached). A relative path that does not exist
+  locally and looks like ``owner/name`` is taken for a hub id; the error then says both.
+
+Identity: the sha256 of the checkpoint (``checkpoint_sha256``; for a hub id, of the files of its
+resolved snapshot that the model loads from, plus the commit as ``revision``) and the model type,
+recorded in the manifest and every pseudo-labeled sample, so a label can always be traced to the
+weights that made it.
 """
 from __future__ import annotations
 
@@ -20,7 +35,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 from PIL import Image
@@ -49,14 +64,15 @@ def _file_sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def checkpoint_sha256(path: str | Path) -> str:
+def checkpoint_sha256(path: str | Path, include: Callable[[str], bool] | None = None) -> str:
     """sha256 identifying a checkpoint (a local path or a URI).
 
     A file (official ``.pth``): the sha256 of its bytes, the number people compare
     with ``sha256sum``. A glipctl checkpoint directory: the sha256 of the sorted lines
     ``"<relative path> <sha256 of file>\\n"`` over every file that defines the model
     (config, weights, tokenizer), leaving out training-resume state and hidden files.
-    The same checkpoint gives the same number on a laptop disk and in a bucket.
+    The same checkpoint gives the same number on a laptop disk and in a bucket. ``include(relative
+    path)``: only the files it accepts (a hub snapshot: the files a model is loaded from).
     """
     from storage import fs
 
@@ -68,16 +84,26 @@ def checkpoint_sha256(path: str | Path) -> str:
         parts = entry.name.split("/")
         if parts[-1] in _NON_MODEL_FILES or any(part.startswith(".") for part in parts):
             continue
+        if include is not None and not include(entry.name):
+            continue
         lines.append(f"{entry.name} {_file_sha256(entry.path)}\n")
     return hashlib.sha256("".join(sorted(lines)).encode("utf-8")).hexdigest()
 
 
+HF_KIND = "transformers"
+
+
 @dataclass(frozen=True)
 class TeacherIdentity:
-    """Which weights made a pseudo-label."""
+    """Which weights made a pseudo-label.
+
+    ``model_type``: "glip", or the transformers ``model_type`` (grounding-dino, mm-grounding-dino,
+    owlv2). ``revision``: the hub commit a hub id resolved to ("" for local checkpoints)."""
     path: str
     sha256: str
-    kind: str            # "glipctl" (checkpoint directory) or "official" (.pth file)
+    kind: str            # "glipctl" (checkpoint directory), "official" (.pth file) or "transformers"
+    model_type: str = "glip"
+    revision: str = ""
 
     @property
     def short(self) -> str:
@@ -89,28 +115,58 @@ class TeacherIdentity:
         return f"pseudo/{self.short}"
 
     def to_dict(self) -> dict[str, str]:
-        return {"path": self.path, "sha256": self.sha256, "kind": self.kind, "source": self.source}
+        out = {"path": self.path, "sha256": self.sha256, "kind": self.kind, "model_type": self.model_type,
+               "source": self.source}
+        if self.revision:
+            out["revision"] = self.revision
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TeacherIdentity":
+        return cls(str(d["path"]), str(d["sha256"]), str(d["kind"]), str(d.get("model_type") or "glip"),
+                   str(d.get("revision") or ""))
+
+    def sample_extra(self) -> dict[str, str]:
+        """What every pseudo-labeled sample records about its teacher (``extra``)."""
+        out = {"teacher_sha256": self.sha256, "teacher_kind": self.kind, "teacher_model_type": self.model_type}
+        if self.revision:
+            out["teacher_revision"] = self.revision
+        return out
 
 
 _OFFICIAL_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 
 
-def _teacher_kind(path: str) -> str:
-    """"glipctl" or "official" for the checkpoint at ``path``; ``InputError`` naming what is wrong."""
+def normalize_teacher(path: str | Path) -> str:
+    """The canonical ``--teacher`` string: a hub id as given, anything else ``fs.normalize``d."""
+    from labeling.hf_teacher import is_hub_id
     from storage import fs
 
+    text = str(path)
+    return text if is_hub_id(text) else fs.normalize(text)
+
+
+def _teacher_kind(path: str) -> str:
+    """"glipctl", "official" or "transformers" for the teacher at ``path``; ``InputError`` naming what is
+    wrong."""
+    from labeling.hf_teacher import hf_model_type, is_hub_id
+    from storage import fs
+
+    if is_hub_id(path):
+        return HF_KIND
     kind = fs.kind_of(path)
     if kind is None:
         raise InputError(f"{path}: teacher checkpoint not found")
     if kind == "dir":
         if not fs.is_file(fs.join(path, "config.json")):
             raise InputError(f"{path}: not a glipctl checkpoint (no config.json); "
-                             f"pass a checkpoint directory or an official GLIP .pth")
-        return "glipctl"
+                             f"pass a checkpoint directory, an official GLIP .pth or a transformers "
+                             f"zero-shot detector (folder or hub id)")
+        return HF_KIND if hf_model_type(path) is not None else "glipctl"
     if fs.suffix_of(path) in _OFFICIAL_SUFFIXES:
         return "official"
-    raise InputError(f"{path}: not a teacher checkpoint (expected a glipctl checkpoint directory "
-                     f"or an official GLIP .pth)")
+    raise InputError(f"{path}: not a teacher checkpoint (expected a glipctl checkpoint directory, "
+                     f"an official GLIP .pth or a transformers zero-shot detector)")
 
 
 def check_teacher(path: str | Path) -> str:
@@ -118,12 +174,15 @@ def check_teacher(path: str | Path) -> str:
 
     A checkpoint folder needs its config.json; a file (``.pth``, ``.pt``, ``.bin``, ``.ckpt``)
     must be an official GLIP-T/GLIP-L checkpoint that ``glip.convert`` reads (memory-mapped,
-    ``weights_only``). Raises ``InputError``.
+    ``weights_only``); a transformers model needs a supported ``model_type``, its processor and
+    weights (``labeling.hf_teacher.check_hf_teacher``). Raises ``InputError``.
     """
-    from storage import fs
-
-    path = fs.normalize(path)
+    path = normalize_teacher(path)
     kind = _teacher_kind(path)
+    if kind == HF_KIND:      # a supported model_type, a processor and weights (nothing is loaded)
+        from labeling.hf_teacher import check_hf_teacher
+
+        check_hf_teacher(path)
     if kind == "official":   # memory-mapped: the weights are not read, only the keys and shapes
         from glip.convert import detect_preset, load_official_state_dict
 
@@ -133,32 +192,76 @@ def check_teacher(path: str | Path) -> str:
 
 
 def teacher_identity(path: str | Path) -> TeacherIdentity:
-    """Identify the teacher at ``path`` (local or URI); ``InputError`` when it is not a checkpoint."""
-    from storage import fs
-
-    path = fs.normalize(path)
+    """Identify the teacher at ``path`` (local, URI or hub id); ``InputError`` when it is not a checkpoint."""
+    path = normalize_teacher(path)
     kind = _teacher_kind(path)
+    if kind == HF_KIND:
+        from labeling.hf_teacher import hf_identity
+
+        return hf_identity(path)
     return TeacherIdentity(path, checkpoint_sha256(path), kind)
 
 
 # ----------------------------------------------------------------------------- CPU resize
+RESIZE_RULES = ("glip", "detr", "longer")
+
+
+def detr_resized_size(width: int, height: int, min_size: int, max_size: int) -> tuple[int, int]:
+    """``(new_width, new_height)`` by transformers' ``get_size_with_aspect_ratio`` (the Grounding DINO
+    image processor's ``{"shortest_edge", "longest_edge"}``): GLIP's rule, except that a capped longer side
+    is computed from the unrounded shorter side (1000x100 at 800/1333 -> 1333x133, where GLIP gives 1330)."""
+    short, long = float(min(width, height)), float(max(width, height))
+    size, raw = int(min_size), None
+    if max_size is not None and long / short * size > max_size:
+        raw = max_size * short / long
+        size = int(round(raw))
+    if (height <= width and height == size) or (width <= height and width == size):
+        return width, height
+    if width < height:
+        return size, int((raw if raw is not None else size) * height / width)
+    return int((raw if raw is not None else size) * width / height), size
+
+
+def longer_side_size(width: int, height: int, side: int) -> tuple[int, int]:
+    """``(new_width, new_height)`` with the longer side exactly ``side`` and the aspect ratio kept (the
+    shorter side rounded, at least 1): what OWLv2's processor makes of an image once padded to a square."""
+    if width >= height:
+        return side, max(1, int(round(height * side / width)))
+    return max(1, int(round(width * side / height))), side
+
+
 @dataclass(frozen=True)
 class TeacherResize:
-    """``glip.preprocess.prepare_image``'s resize without the model (picklable, for CPU tasks).
+    """The teacher's own resize without the model (picklable, for CPU tasks).
 
-    The official rule (``glip.preprocess.resized_size``: shorter side to ``min_size``
-    unless the longer side would pass ``max_size``), bilinear, exactly as ``prepare_image``;
-    the output stays ``uint8`` ``[h, w, 3]`` RGB (4x smaller than float32 on its way to the
-    model, which divides by 255 as ``prepare_image`` does).
+    ``rule`` "glip": the official GLIP rule (``glip.preprocess.resized_size``: shorter side to
+    ``min_size`` unless the longer side would pass ``max_size``), exactly as ``prepare_image``;
+    "detr": the same bounds by transformers' rule (``detr_resized_size``, Grounding DINO's image
+    processor); "longer": the longer side to ``max_size`` (OWLv2, whose processor then pads the image
+    to a ``max_size`` square, bottom/right). Bilinear (PIL's, antialiased when shrinking); the output
+    stays ``uint8`` ``[h, w, 3]`` RGB (4x smaller than float32 on its way to the model, which divides
+    by 255 as its preprocessing does).
     """
     min_size: int
     max_size: int
+    rule: str = "glip"
+
+    def __post_init__(self) -> None:
+        if self.rule not in RESIZE_RULES:
+            raise ValueError(f"resize rule must be one of {RESIZE_RULES}, got {self.rule!r}")
 
     def target_size(self, width: int, height: int) -> tuple[int, int]:
         """``(new_width, new_height)`` for a ``width`` x ``height`` image."""
+        if self.rule == "detr":
+            return detr_resized_size(width, height, self.min_size, self.max_size)
+        if self.rule == "longer":
+            return longer_side_size(width, height, self.max_size)
         from glip.preprocess import resized_size
 
         return resized_size(width, height, self.min_size, self.max_size)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"min_size": self.min_size, "max_size": self.max_size, "rule": self.rule}
 
     def __call__(self, image: Image.Image) -> np.ndarray:
         size = self.target_size(image.width, image.height)
@@ -172,11 +275,17 @@ def teacher_resize(path: str | Path, image_size: int | None = None) -> TeacherRe
     """The resize for the teacher at ``path`` (read from its config, no weights loaded).
 
     ``image_size`` overrides the shorter side; the longer-side cap scales with it so the
-    checkpoint's aspect-ratio limit is kept (800/1333 -> 400/666).
+    checkpoint's aspect-ratio limit is kept (800/1333 -> 400/666). For a transformers model the
+    sizes come from its image processor (``labeling.hf_teacher.hf_resize``; OWLv2: ``image_size``
+    is the square side).
     """
     from storage import fs
 
-    p = fs.normalize(path)
+    from labeling.hf_teacher import hf_model_type, hf_resize, is_hub_id
+
+    p = normalize_teacher(path)
+    if is_hub_id(p) or (fs.is_dir(p) and fs.is_file(fs.join(p, "config.json")) and hf_model_type(p)):
+        return hf_resize(p, image_size)
     if fs.is_dir(p):
         config = fs.join(p, "config.json")
         try:
@@ -225,6 +334,25 @@ class Teacher(Protocol):
         Every box scoring >= ``threshold`` after per-phrase NMS at ``nms_iou`` (at most ``max_per_phrase``
         per phrase), in the caller's order. Raises ``TeacherDeviceError`` when the accelerator fails."""
         ...
+
+
+def load_teacher(path: str | Path, identity: TeacherIdentity | None = None, device: str = "cpu",
+                 precision: str = "fp32") -> Teacher:
+    """The ``Teacher`` for ``path`` on ``device``: ``HFTeacher`` for a transformers model (folder or hub id,
+    loaded at ``identity.revision``), else ``GLIPTeacher``. A URI is copied to the local cache first
+    (``fs.local_copy``, once per machine); ``TeacherDeviceError`` before anything is read when ``device`` is a
+    CUDA device torch cannot use."""
+    from storage import fs
+
+    check_device(device)
+    path = normalize_teacher(path)
+    identity = identity or teacher_identity(path)
+    if identity.kind == HF_KIND:
+        from labeling.hf_teacher import HFTeacher, is_hub_id
+
+        local = path if is_hub_id(path) else fs.local_copy(path)
+        return HFTeacher.load(local, identity, device=device, precision=precision)
+    return GLIPTeacher.load(fs.local_copy(path), identity, device=device, precision=precision)
 
 
 def load_glip_model(path: str | Path):

@@ -15,8 +15,12 @@ The input shard is the unit of work (img2dataset's rule)::
 No image bytes, pixels or caption rows reach the driver, and its work per row is O(1); encoded
 bytes are decoded in the actor that labels them, so pixels never cross nodes.
 
+The teacher is any ``labeling.teacher.Teacher`` (``load_teacher``: GLIP, or a transformers
+Grounding DINO / MM Grounding DINO / OWLv2); its identity (kind, model type, sha256, hub revision)
+is the manifest's ``model`` and, with the thresholds, every sample's ``extra``.
+
 A label is a function of (image, caption, teacher, options) alone: images are batched only with
-images of the same padded shape (each padded exactly as it would be alone; ``GLIPTeacher``), so
+images of the same padded shape (each padded exactly as it would be alone; ``Teacher.bucket_of``), so
 batch neighbours, worker count, retries and lost nodes do not move a box. Samples are written in
 input order, so a shard redone after a crash gives byte-identical tars. Keys are
 ``<input shard>/<crawled key>``: unique across the whole input (two img2dataset runs both start at
@@ -403,12 +407,10 @@ class TeacherWorker:
     def __init__(self, teacher_path: str, identity: dict[str, str], config: dict[str, Any],
                  extra: dict[str, Any], use_gpu: bool, precision: str, resize: dict[str, int],
                  batch_size: int, max_samples_per_tar: int):
-        from labeling.teacher import GLIPTeacher
+        from labeling.teacher import load_teacher
 
         device = "cuda" if use_gpu else "cpu"
-        ident = TeacherIdentity(identity["path"], identity["sha256"], identity["kind"])
-        kwargs = {"precision": precision} if precision != "fp32" else {}
-        teacher = GLIPTeacher.load(fs.local_copy(teacher_path), ident, device=device, **kwargs)
+        teacher = load_teacher(teacher_path, TeacherIdentity.from_dict(identity), device=device, precision=precision)
         self.labeler = ShardLabeler(teacher, FilterConfig(**config), extra, TeacherResize(**resize),
                                     batch_size, max_samples_per_tar)
         self.ready_at = time.time()     # wall clock: lets the driver separate model loading from labeling
@@ -589,12 +591,12 @@ def run_pseudo_label(shards: list[CrawledShard], out_dir: str, options: PseudoLa
     """
     import ray
 
-    from labeling.teacher import teacher_identity, teacher_resize
+    from labeling.teacher import normalize_teacher, teacher_identity, teacher_resize
     from storage.errors import InputError
 
     out_dir = fs.normalize(out_dir)
     phrases_dir = fs.normalize(options.phrases)
-    teacher_path = fs.normalize(options.teacher)
+    teacher_path = normalize_teacher(options.teacher)
     identity = teacher_identity(teacher_path)
     resize = teacher_resize(teacher_path, options.image_size)
     if not fs.is_dir(phrases_dir):
@@ -634,14 +636,14 @@ def run_pseudo_label(shards: list[CrawledShard], out_dir: str, options: PseudoLa
     workers = options.workers or default_workers(cluster, gpus)
     result.workers = workers
     config = options.filter_config
-    extra = {"teacher_sha256": identity.sha256, "teacher_source": identity.source, **config.to_dict(),
+    extra = {**identity.sample_extra(), "teacher_source": identity.source, **config.to_dict(),
              "teacher_min_size": resize.min_size, "teacher_max_size": resize.max_size,
              "precision": options.precision}
     specs = [{"shard": s.to_dict(), "phrase_file": phrase_file_for(phrases_dir, s), "out_dir": out_dir}
              for s in pending]
     worker_kwargs = {"teacher_path": teacher_path, "identity": identity.to_dict(), "config": config.to_dict(),
                      "extra": extra, "precision": options.precision,
-                     "resize": {"min_size": resize.min_size, "max_size": resize.max_size},
+                     "resize": resize.to_dict(),
                      "batch_size": options.batch_size, "max_samples_per_tar": options.max_samples_per_tar}
     started, started_wall = time.perf_counter(), time.time()
     saver = _SummarySaver(manifest, out_dir)

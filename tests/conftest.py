@@ -114,3 +114,24 @@ def _ray_cluster_two_nodes(request):
     """Before each test that uses ray_cluster: restart the worker node if a previous test killed it."""
     if "ray_cluster" in request.fixturenames:
         request.getfixturevalue("ray_cluster").ensure_worker_node()
+
+
+# ---- tiny random transformers zero-shot detectors (tests/hf_models.py), saved once per session ----
+
+def _hf_models():
+    _servers()                      # puts the tests folder on sys.path
+    import hf_models
+
+    return hf_models
+
+
+@pytest.fixture(scope="session")
+def hf_teacher_dirs(tmp_path_factory) -> dict[str, Path]:
+    """{"grounding-dino": dir, "mm-grounding-dino": dir, "owlv2": dir}: tiny random models saved with
+    ``save_pretrained`` together with their processors (MiniLM BERT vocabulary / a byte-level CLIP
+    tokenizer), as a hub checkpoint folder looks. Built once (about a second)."""
+    models = _hf_models()
+    root = tmp_path_factory.mktemp("hf_teachers")
+    return {"grounding-dino": models.build_gdino(root / "grounding-dino", "grounding-dino"),
+            "mm-grounding-dino": models.build_gdino(root / "mm-grounding-dino", "mm-grounding-dino"),
+            "owlv2": models.build_owlv2(root / "owlv2")}

@@ -1,5 +1,5 @@
 """`glipctl evaluate`: COCO detection AP (zero-shot, category names as the prompt) and
-phrase-grounding Recall@k of a checkpoint."""
+phrase-grounding Recall@k of a checkpoint (GLIP, or a transformers zero-shot detector)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,14 +12,15 @@ from storage.errors import InputError
 
 def evaluate_model(model_path: str | Path, coco: str | None = None, grounding: str | None = None, *,
                    batch_size: int = 8, threshold: float | None = None, merge_boxes: bool = False,
-                   model=None, show_progress: bool = True) -> dict[str, Any]:
+                   model=None, show_progress: bool = True, device: str | None = None) -> dict[str, Any]:
     """The numbers `glipctl evaluate` prints: ``{"model": path, "coco": {...}, "grounding": {...}}``.
 
     ``coco`` / ``grounding`` are ``ANN.json=IMAGE_DIR``; every path a local path or a URI.
-    ``model`` may pass an already loaded model (the demo evaluates in-process).
+    ``model`` may pass an already loaded model (the demo evaluates in-process). ``device``: where the
+    model runs ("cpu", "cuda", "cuda:1"; None: where it is, the CPU for a loaded checkpoint).
     """
     from pipelines.training.options import AnnotatedImages
-    from labeling.evaluation import evaluate_coco, evaluate_grounding, load_model
+    from labeling.evaluation import evaluate_coco, evaluate_grounding, load_model, move_model
 
     if not coco and not grounding:
         raise InputError("give --coco ANN.json=IMAGE_DIR or --grounding ANN.json=IMAGE_DIR")
@@ -27,8 +28,13 @@ def evaluate_model(model_path: str | Path, coco: str | None = None, grounding: s
         raise InputError(f"--batch-size must be >= 1 (got {batch_size})")
     coco_set = AnnotatedImages.parse(coco, "--coco") if coco else None
     grounding_set = AnnotatedImages.parse(grounding, "--grounding") if grounding else None
-    net = model if model is not None else load_model(model_path)
+    if model is not None:
+        net = model if device is None else move_model(model, device)
+    else:
+        net = load_model(model_path, device=device)
     report: dict[str, Any] = {"model": str(model_path)}
+    if device is not None:
+        report["device"] = device
     with _progress(show_progress) as advance:
         if coco_set:
             report["coco"] = evaluate_coco(net, coco_set.annotations, coco_set.image_root, batch_size=batch_size,
@@ -96,8 +102,10 @@ def _pct(v: float) -> str:
 
 
 def main(
-    model: Annotated[str, typer.Option("--model", help="Checkpoint directory (train-student, convert-official) "
-                                                       "or an official GLIP .pth; a local path or a URI.")],
+    model: Annotated[str, typer.Option("--model", help="Checkpoint directory (train-student, convert-official), "
+                                                       "an official GLIP .pth, or a transformers zero-shot detector "
+                                                       "(Grounding DINO, MM Grounding DINO, OWLv2: its folder or a "
+                                                       "hub id); a local path or a URI.")],
     coco: Annotated[str | None, typer.Option("--coco", help="COCO detection set ANN.json=IMAGE_DIR: zero-shot "
                                              "detection with the category names as the prompt (split over "
                                              "the token limit); COCOeval AP, AP50, AP75, APs/m/l.")] = None,
@@ -112,6 +120,8 @@ def main(
     merge_boxes: Annotated[bool, typer.Option("--merge-boxes", help="Grounding: compare against the union of a "
                                               "phrase's gold boxes (Flickr30K 'merged' protocol) instead of "
                                               "any one of them.")] = False,
+    device: Annotated[str, typer.Option("--device", help="Where the model runs: 'cpu', 'cuda', 'cuda:1', "
+                                                         "...")] = "cpu",
 ) -> None:
     """Evaluate a checkpoint: COCO AP (zero-shot detection) and/or grounding Recall@k."""
     from rich.console import Console
@@ -119,7 +129,7 @@ def main(
     from storage import fs
 
     report = evaluate_model(model, coco, grounding, batch_size=batch_size, threshold=threshold,
-                            merge_boxes=merge_boxes)
+                            merge_boxes=merge_boxes, device=device)
     Console().print(metrics_table(report))
     if out is not None:
         fs.write_json(out, report)

@@ -1,4 +1,5 @@
-"""`glipctl pseudo-label`: a GLIP teacher grounds parsed phrases; WebDataset shards with boxes (stage 2)."""
+"""`glipctl pseudo-label`: a teacher (GLIP, Grounding DINO, MM Grounding DINO, OWLv2) grounds parsed phrases;
+WebDataset shards with boxes (stage 2)."""
 from __future__ import annotations
 
 from typing import Annotated, Optional
@@ -17,8 +18,11 @@ def main(
     phrases: Annotated[str, typer.Option("--phrases", help="The --out folder of parse-captions "
                                          "(one <shard>.parquet per input shard); a path or URI.")],
     teacher: Annotated[str, typer.Option("--teacher", help="Teacher checkpoint: a glipctl checkpoint "
-                                         "folder or an official GLIP .pth (converted on load); a path "
-                                         "or URI (copied once per node into GLIPCTL_CACHE_DIR).")],
+                                         "folder, an official GLIP .pth (converted on load), or a "
+                                         "transformers zero-shot detector (Grounding DINO, MM Grounding "
+                                         "DINO, OWLv2: a folder saved with its processor, recognised by "
+                                         "config.json model_type, or a hub id owner/name[@revision]); a "
+                                         "path or URI (copied once per node into GLIPCTL_CACHE_DIR).")],
     out: Annotated[str, typer.Option("--out", help="Output folder or URI: <shard>-NNNNN.tar WebDataset "
                                      "shards ({shard}_{key}.jpg + .json), a .labels.parquet table beside "
                                      "each, _shards/<shard>.json commit records and _manifest.json.")],
@@ -47,8 +51,9 @@ def main(
         help="fp32, or bf16 (autocast; for GPUs). Recorded in the manifest and every sample; a "
              "resumed run must use the same.")] = "fp32",
     image_size: Annotated[Optional[int], typer.Option(
-        min=16, help="Shorter image side fed to the teacher (longer side capped in proportion); "
-        "default: the checkpoint's own (800 for official GLIP).")] = None,
+        min=16, help="Shorter image side fed to the teacher (longer side capped in proportion; OWLv2: the "
+        "side of its square input); default: the checkpoint's own (800 for official GLIP and Grounding "
+        "DINO, 960 for OWLv2).")] = None,
     max_samples_per_tar: Annotated[int, typer.Option(
         min=1, help="Samples per output tar; an input shard larger than this gets several.")] = 10000,
     caption_field: Annotated[str, typer.Option(
@@ -60,7 +65,8 @@ def main(
         "--overwrite", help="Start over instead of resuming from --out's _manifest.json.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every skip reason.")] = False,
 ) -> None:
-    """Ground the parsed phrases of crawled captions with a GLIP teacher on Ray; write WebDataset pseudo-label shards."""
+    """Ground the parsed phrases of crawled captions with a teacher on Ray; write WebDataset pseudo-label shards."""
+    from labeling.teacher import normalize_teacher
     from pipelines.common import console, ensure_ray, setup_logging
     from pipelines.pseudo_label import PseudoLabelOptions, check_options, run_pseudo_label
     from storage.crawled import discover_crawled_shards
@@ -69,7 +75,7 @@ def main(
 
     setup_logging(verbose)
     shards = discover_crawled_shards(inputs, caption_field=caption_field)
-    options = PseudoLabelOptions(phrases=normalize(phrases), teacher=normalize(teacher), threshold=threshold,
+    options = PseudoLabelOptions(phrases=normalize(phrases), teacher=normalize_teacher(teacher), threshold=threshold,
                                  nms_iou=nms, max_boxes_per_phrase=max_boxes_per_phrase,
                                  min_box_size=min_box_size, image_size=image_size, workers=workers,
                                  batch_size=batch_size, gpus_per_worker=gpus_per_worker, precision=precision,

@@ -76,7 +76,13 @@ def test_teacher_resize_equals_glip_prepare_image(size):
 
 def test_identity_round_trips_to_dict():
     ident = TeacherIdentity("/x", "a" * 64, "glipctl")
-    assert ident.to_dict() == {"path": "/x", "sha256": "a" * 64, "kind": "glipctl", "source": "pseudo/aaaaaaaaaaaa"}
+    assert ident.to_dict() == {"path": "/x", "sha256": "a" * 64, "kind": "glipctl", "model_type": "glip",
+                               "source": "pseudo/aaaaaaaaaaaa"}
+    assert TeacherIdentity.from_dict(ident.to_dict()) == ident
+    hub = TeacherIdentity("org/model", "b" * 64, "transformers", "owlv2", "c" * 40)
+    assert hub.to_dict()["revision"] == "c" * 40 and TeacherIdentity.from_dict(hub.to_dict()) == hub
+    assert hub.sample_extra() == {"teacher_sha256": "b" * 64, "teacher_kind": "transformers",
+                                  "teacher_model_type": "owlv2", "teacher_revision": "c" * 40}
 
 
 @pytest.fixture(scope="module")
