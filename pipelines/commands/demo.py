@@ -14,10 +14,10 @@ def main(
     small: Annotated[bool, typer.Option("--small", help="A small world and a few steps: checks the plumbing "
                                                         "in about two minutes, proves nothing.")] = False,
     teacher_steps: Annotated[int | None, typer.Option(
-        "--teacher-steps", min=1, help="Optimizer steps of the teacher (default: 900, or 6 with --small).")] = None,
+        "--teacher-steps", min=1, help="Optimizer steps of the teacher (default: 800, or 6 with --small).")] = None,
     student_steps: Annotated[int | None, typer.Option(
         "--student-steps", min=1, help="Optimizer steps of the student and of its gold-only control "
-                                       "(default: 800, or 6 with --small).")] = None,
+                                       "(default: 700, or 6 with --small).")] = None,
     address: Annotated[str | None, typer.Option("--address", help="Ray cluster to join (default: a local "
                                                 "Ray, or RAY_ADDRESS).")] = None,
 ) -> None:
