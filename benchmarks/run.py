@@ -16,7 +16,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "bench_out"
-ORDER = ["storage", "model", "parse_captions", "pseudo_label", "pack", "train_student", "fusion", "demo"]
+ORDER = ["storage", "model", "parse_captions", "pseudo_label", "teachers", "pack", "train_student", "fusion", "demo"]
 
 
 def machine_card() -> str:

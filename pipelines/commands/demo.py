@@ -39,7 +39,9 @@ def main(
     if student_steps is not None:
         options.student_steps = student_steps
     ensure_ray(address)
-    report = run_demo(options, say=lambda line: console.print(f"[bold]{line}[/]", highlight=False))
+    from rich.markup import escape
+
+    report = run_demo(options, say=lambda line: console.print(f"[bold]{escape(line)}[/]", highlight=False))
     print_report(report)
     console.print(f"wrote {out / 'report.md'} and {out / 'report.json'}")
 
