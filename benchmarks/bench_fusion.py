@@ -68,8 +68,8 @@ visual token. Both starve the word-region alignment for the first thousand steps
 then learns one vector for every word. With a residual around DyConv and no visual LayerNorm, the
 same layer beats late fusion. Both switches default to the official behaviour (`make reference`
 unchanged); a model opts in through its config (`GLIPConfig.fusion_image_residual` /
-`fusion_norm_visual`). The demo still trains late fusion: moving it, and a bigger student, to deep
-fusion within the demo's 15 minutes is the rest of issue 14."""
+`fusion_norm_visual`). The demo's presets `demo-t` and `demo-l` train one such layer (at 112/160 px;
+see "demo")."""
 
 
 def one_run(name: str, seed: int, steps: int, world_seed_dir: Path) -> dict:
