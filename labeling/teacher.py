@@ -185,6 +185,7 @@ def check_teacher(path: str | Path) -> str:
         check_hf_teacher(path)
     if kind == "official":   # memory-mapped: the weights are not read, only the keys and shapes
         from glip.convert import detect_preset, load_official_state_dict
+        from storage import fs
 
         local = fs.local_copy(path)
         detect_preset(load_official_state_dict(local), path)
