@@ -144,20 +144,19 @@ def read_clean_records(shard: CrawledShard, counts: StageCounts, fixes: Counter,
 
 
 def phrase_table(cols: dict[str, list], parsed: list[list[dict] | None],
-                 counts: StageCounts) -> pa.Table:
+                 counts: StageCounts, source: str = "") -> pa.Table:
     """The phrase file of one shard (PHRASE_SCHEMA, sorted by ``source_index``).
 
     ``parsed[i]`` are the phrases of ``cols["caption"][i]`` (None: spaCy failed on it). A caption
-    without phrases is a counted ``no_phrases`` skip, a failed one ``parse_error``.
+    without phrases is a counted ``no_phrases`` skip, a failed one ``parse_error``; both are logged
+    (the first few) with ``source`` (the input shard) and the record's key.
     """
     keep: list[int] = []
     offsets, texts, starts, ends, roots = [0], [], [], [], []
     for i, phrases in enumerate(parsed):
-        if phrases is None:
-            counts.skipped["parse_error"] += 1     # _extract logged the caption
-            continue
-        if not phrases:
-            counts.skipped["no_phrases"] += 1
+        if phrases is None or not phrases:
+            counts.skip("parse_error" if phrases is None else "no_phrases", f"{source} key {cols['key'][i]}",
+                        repr(cols["caption"][i][:80]))
             continue
         keep.append(i)
         for p in phrases:
@@ -198,7 +197,7 @@ def parse_shard(shard: CrawledShard, out_dir: str, extractor, max_caption_chars:
     parsed: list[list[dict] | None] = []
     for start in range(0, len(captions), batch_size):
         parsed += _extract(extractor, captions[start:start + batch_size])
-    table = phrase_table(cols, parsed, counts)
+    table = phrase_table(cols, parsed, counts, shard.path)
     counts.written = table.num_rows
     output = f"{shard.name}.parquet"
     path = fs.join(out_dir, output)

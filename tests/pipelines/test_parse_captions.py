@@ -425,7 +425,8 @@ def test_the_shard_parser_logs_each_skip_naming_the_file_and_key(tmp_path, flick
         {"txt": b"12345 !!!"},                                         # 00000003 no_letters
         {"txt": "A caf\xe9 table".encode("latin-1")},                  # 00000004 invalid_utf8 (the reader)
         {"txt": None},                                                 # 00000005 missing_caption
-        {"txt": flickr_captions[3].encode()}]
+        {"txt": flickr_captions[3].encode()},
+        {"txt": b"It is what it is."}]                                 # 00000007 no_phrases (spaCy finds none)
     tar = write_img2dataset_shard(tmp_path / "i2d", "00000", samples)
     shard, = discover_crawled_shards([str(tmp_path / "i2d")])
     caplog.set_level(logging.WARNING, logger="glipctl")
@@ -433,6 +434,9 @@ def test_the_shard_parser_logs_each_skip_naming_the_file_and_key(tmp_path, flick
     entry = json.loads(parser(pa.table({"shard": [json.dumps(shard.to_dict())]})).column("entry")[0].as_py())
     assert entry["status"] == "done" and entry["counts"]["written"] == 4, entry
     logged = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and r.name.startswith("glipctl")]
-    expected = [("no_letters", "000000003"), ("invalid_utf8", "000000004"), ("missing_caption", "000000005")]
-    assert sorted(logged) == sorted(f"skipped ({reason}) {tar} key {key}" for reason, key in expected)
+    expected = [("no_letters", "000000003"), ("invalid_utf8", "000000004"), ("missing_caption", "000000005"),
+                ("no_phrases", "000000007")]
+    said = {"no_phrases": ": 'It is what it is.'"}     # a caption that was read is quoted
+    assert sorted(logged) == sorted(f"skipped ({reason}) {tar} key {key}{said.get(reason, '')}"
+                                    for reason, key in expected)
     assert entry["counts"]["skipped"] == {reason: 1 for reason, _ in expected}
