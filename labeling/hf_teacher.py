@@ -49,8 +49,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from labeling.teacher import (HF_KIND, PRECISIONS, Detection, PhraseSpans, TeacherDeviceError, TeacherIdentity,
-                              TeacherResize, check_device, is_device_error)
+from labeling.teacher import (HF_KIND, PRECISIONS, Detection, PhraseSpans, TeacherIdentity,
+                              TeacherResize, as_detections, check_device, check_ground_args, device_errors)
 from storage.errors import InputError
 
 GDINO_TYPES = ("grounding-dino", "mm-grounding-dino")
@@ -665,17 +665,10 @@ class HFTeacher:
                max_per_phrase: int | None = None) -> list[list[list[Detection]]]:
         import torch
 
-        if not len(images) == len(image_sizes) == len(captions) == len(phrase_spans):
-            raise ValueError(f"{len(images)} images, {len(image_sizes)} sizes, {len(captions)} captions and "
-                             f"{len(phrase_spans)} phrase lists")
+        check_ground_args(images, image_sizes, captions, phrase_spans)
         autocast = torch.bfloat16 if self.precision == "bf16" else None
-        try:
+        with device_errors(self.device):
             found = self.grounder.ground(list(images), list(captions), phrase_spans, threshold=threshold,
                                          nms_threshold=nms_iou, max_per_phrase=max_per_phrase,
                                          image_sizes=[tuple(s) for s in image_sizes], autocast_dtype=autocast)
-        except RuntimeError as exc:
-            if is_device_error(exc, self.device):
-                raise TeacherDeviceError(f"teacher on {self.device}: {type(exc).__name__}: {exc}") from exc
-            raise
-        return [[[{"bbox": [float(v) for v in d["bbox"]], "score": float(d["score"])} for d in dets]
-                 for dets in per_image] for per_image in found]
+        return [as_detections(per_image) for per_image in found]

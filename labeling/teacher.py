@@ -410,6 +410,33 @@ def check_device(device: str) -> None:
                                  f"{torch.cuda.device_count()} CUDA device(s) are visible")
 
 
+def check_ground_args(images, image_sizes, captions, phrase_spans) -> None:
+    """``ValueError`` unless ``Teacher.ground``'s four per-image lists have one entry per image."""
+    if not len(images) == len(image_sizes) == len(captions) == len(phrase_spans):
+        raise ValueError(f"{len(images)} images, {len(image_sizes)} sizes, {len(captions)} captions and "
+                         f"{len(phrase_spans)} phrase lists")
+
+
+def as_detections(per_image) -> list[list[Detection]]:
+    """One image's per-phrase detections as plain floats (what the ``Teacher`` protocol returns)."""
+    return [[{"bbox": [float(v) for v in d["bbox"]], "score": float(d["score"])} for d in dets] for dets in per_image]
+
+
+class device_errors:
+    """Around a teacher's forward: an accelerator failure on ``device`` becomes ``TeacherDeviceError``."""
+
+    def __init__(self, device: str):
+        self.device = device
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        if isinstance(exc, RuntimeError) and is_device_error(exc, self.device):
+            raise TeacherDeviceError(f"teacher on {self.device}: {type(exc).__name__}: {exc}") from exc
+        return False
+
+
 class GLIPTeacher:
     """``Teacher`` backed by ``glip.GLIP.ground``; the model is loaded once, at construction.
 
@@ -457,15 +484,13 @@ class GLIPTeacher:
                max_per_phrase: int | None = None) -> list[list[list[Detection]]]:
         import torch
 
-        if not len(images) == len(image_sizes) == len(captions) == len(phrase_spans):
-            raise ValueError(f"{len(images)} images, {len(image_sizes)} sizes, {len(captions)} captions and "
-                             f"{len(phrase_spans)} phrase lists")
+        check_ground_args(images, image_sizes, captions, phrase_spans)
         buckets: dict[tuple[int, int], list[int]] = {}
         for i, array in enumerate(images):
             buckets.setdefault(self.bucket_of(array), []).append(i)
         autocast = torch.bfloat16 if self.precision == "bf16" else None
         out: list[list[list[Detection]] | None] = [None] * len(images)
-        try:
+        with device_errors(self.device):
             for indices in buckets.values():
                 # arrays from a Ray batch are read-only views: copy those (torch wants writable memory)
                 tensors = [torch.from_numpy(a if a.flags.writeable else a.copy()).to(self.device)
@@ -477,10 +502,5 @@ class GLIPTeacher:
                         threshold=threshold, nms_threshold=nms_iou, max_per_phrase=max_per_phrase,
                         image_sizes=[tuple(image_sizes[i]) for i in indices], autocast_dtype=autocast)
                 for i, per_image in zip(indices, found):
-                    out[i] = [[{"bbox": [float(v) for v in d["bbox"]], "score": float(d["score"])} for d in dets]
-                              for dets in per_image]
-        except RuntimeError as exc:
-            if is_device_error(exc, self.device):
-                raise TeacherDeviceError(f"teacher on {self.device}: {type(exc).__name__}: {exc}") from exc
-            raise
+                    out[i] = as_detections(per_image)
         return out
