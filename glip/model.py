@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 TOKENIZER_DIR = "tokenizer"
+PROMPT_PREFIX = "prompt."
 
 
 @dataclass
@@ -68,6 +69,7 @@ class GLIP(nn.Module):
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config)
         self.box_coder = BoxCoder(plus_one=config.legacy_box_plus_one)
         self.last_batch_stats: dict[str, int] = {}
+        self.prompt = None     # a glip.prompt.PromptOffset once ``attach_prompt``: not part of the checkpoint
 
     # ------------------------------------------------------------------ construction and checkpoints
     @classmethod
@@ -125,7 +127,8 @@ class GLIP(nn.Module):
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in (state_dict or self.state_dict()).items()}
+        state = {k: v.detach().contiguous().cpu() for k, v in (state_dict or self.state_dict()).items()
+                 if not k.startswith(PROMPT_PREFIX)}   # a prompt is its own artifact (glip.prompt)
         with atomic_path(path / WEIGHTS_NAME) as tmp:
             save_file(state, str(tmp), metadata={"format": "pt", "glip_preset": self.config.name})
         tmp_tok = Path(tempfile.mkdtemp(prefix=".tokenizer.", dir=path))
@@ -135,6 +138,16 @@ class GLIP(nn.Module):
             shutil.rmtree(final_tok)
         os.replace(tmp_tok, final_tok)
         self.config.to_json(path / CONFIG_NAME)  # last: a directory with config.json is complete
+
+    def attach_prompt(self, prompt) -> None:
+        """Add ``prompt`` (a ``glip.prompt.PromptOffset``, or None to remove it) to the text features before
+        fusion, in training and in ``ground`` alike. ``save_pretrained`` never writes it."""
+        if prompt is not None:
+            hidden = self.language_backbone.hidden_size
+            if prompt.offset.shape[1] != hidden:
+                raise ValueError(f"a prompt of width {prompt.offset.shape[1]} for a text encoder of width {hidden}")
+            prompt = prompt.to(self.device)
+        self.prompt = prompt
 
     def parameter_groups(self, lr: float, text_lr: float | None = None, weight_decay: float = 1e-4) -> list[dict]:
         """AdamW groups: the text side (``language_backbone`` and the fusion BERT layers) at ``text_lr`` (default
@@ -167,6 +180,8 @@ class GLIP(nn.Module):
         tok = tokenize(self.tokenizer, list(captions), self.config.max_query_len, self.config.pad_to_max)
         ids, mask = tok.input_ids.to(device), tok.attention_mask.to(device)
         text = self.language_backbone(ids, mask)
+        if self.prompt is not None:
+            text = self.prompt(text)
         levels = self.backbone(batch)
         head = self.head(levels, text, mask)
         anchors = anchors_for_levels([lvl.shape[-2:] for lvl in levels], self.config.anchor_strides,

@@ -10,7 +10,7 @@ import functools
 import typer
 
 from pipelines.commands import (convert_official, demo, evaluate, export, inspect, pack, parse_captions,
-                                predict, pseudo_label, train_student)
+                                predict, prompt_tune, pseudo_label, train_student)
 from pipelines.common import console
 from storage.errors import InputError
 
@@ -37,7 +37,8 @@ def _user_errors_exit_2(fn):
 
 
 for _name, _module in [("parse-captions", parse_captions), ("pseudo-label", pseudo_label),
-                       ("pack", pack), ("train-student", train_student), ("inspect", inspect),
+                       ("pack", pack), ("train-student", train_student), ("prompt-tune", prompt_tune),
+                       ("inspect", inspect),
                        ("evaluate", evaluate), ("predict", predict), ("export", export), ("demo", demo),
                        ("demo-world", demo.world_main),
                        ("convert-official", convert_official)]:

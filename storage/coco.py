@@ -31,6 +31,7 @@ from storage import fs
 from storage.goldg import check_image_root, count_orphan_annotations, load_coco_api
 from storage.records import Box, GroundedSample, Phrase
 from storage.shards import validated
+from storage.errors import InputError
 from storage.skips import StageCounts
 
 SEPARATOR = ". "
@@ -53,7 +54,7 @@ def category_name(category: dict[str, Any]) -> str:
 
 
 def category_prompts(categories: list[dict[str, Any]], max_tokens: int = 256,
-                     count_tokens: Callable[[str], int] | None = None
+                     count_tokens: Callable[[str], int] | None = None, template=None
                      ) -> list[tuple[str, list[tuple[int, int, int]]]]:
     """Pack category names into as few prompts as fit ``max_tokens``.
 
@@ -61,23 +62,29 @@ def category_prompts(categories: list[dict[str, Any]], max_tokens: int = 256,
     into ``caption`` (end exclusive). Names keep the categories' order (by id). A single
     name longer than the limit gets a prompt of its own (the model truncates it).
     ``count_tokens(text) -> int`` should include special tokens; default ``estimate_tokens``.
+    ``template``: a ``storage.prompt_template.PromptTemplate``: the words around each name (the
+    span still covers the name only).
     """
+    from storage.prompt_template import CategoryText, render
+
     count = count_tokens or estimate_tokens
+    ordered = [c for c in sorted(categories, key=lambda c: c["id"]) if category_name(c)]
+    names = [category_name(c) for c in ordered]
+    texts = template.texts(names) if template is not None else [CategoryText("", n, "") for n in names]
     prompts: list[tuple[str, list[tuple[int, int, int]]]] = []
-    caption, spans = "", []
-    for cat in sorted(categories, key=lambda c: c["id"]):
-        name = category_name(cat)
-        if not name:
-            continue
-        start = len(caption) + (len(SEPARATOR) if caption else 0)
-        candidate = (caption + SEPARATOR if caption else "") + name
-        if caption and count(candidate + ".") > max_tokens:
-            prompts.append((caption + ".", spans))
-            caption, spans, start, candidate = "", [], 0, name
-        caption = candidate
-        spans.append((start, start + len(name), int(cat["id"])))
-    if caption:
-        prompts.append((caption + ".", spans))
+    chunk: list[tuple[int, CategoryText]] = []
+
+    def finish() -> None:
+        caption, spans = render([t for _, t in chunk])
+        prompts.append((caption, [(s, e, cat_id) for (s, e), (cat_id, _) in zip(spans, chunk)]))
+
+    for cat, text in zip(ordered, texts):
+        if chunk and count(render([t for _, t in chunk] + [text])[0]) > max_tokens:
+            finish()
+            chunk = []
+        chunk.append((int(cat["id"]), text))
+    if chunk:
+        finish()
     return prompts
 
 
@@ -322,3 +329,50 @@ class CocoDetectionWriter:
                         ann["score"] = score
                     out.write(((", " if n else "") + json.dumps(ann)).encode("utf-8"))
             out.write(b"]}\n")
+
+
+# ----------------------------------------------------------------------------- few-shot subsets
+
+def few_shot_image_ids(coco, shots: int, seed: int) -> list[int]:
+    """Images of a ``K``-shot subset, the GLIP paper's way: visit the images in a seeded random
+    order and keep one while any of its categories has fewer than ``shots`` kept images; every
+    category then has at least ``shots`` images (all it has, when fewer), and some more through
+    images they share. Crowd and category-less annotations do not count."""
+    import random
+
+    if shots < 1:
+        raise InputError(f"--shots must be >= 1 (got {shots})")
+    ids = sorted(coco.getImgIds())
+    random.Random(seed).shuffle(ids)
+    needed = {c: shots for c in coco.getCatIds()}
+    kept = []
+    for img_id in ids:
+        cats = {a["category_id"] for a in coco.loadAnns(coco.getAnnIds(imgIds=[img_id]))
+                if not a.get("iscrowd") and a.get("category_id") in needed}
+        if any(needed[c] > 0 for c in cats):
+            kept.append(img_id)
+            for c in cats:
+                needed[c] -= 1
+    return sorted(kept)
+
+
+def write_few_shot_subset(ann_json: str | Path, shots: int, seed: int,
+                          out_path: str | Path) -> tuple[int, dict[str, int]]:
+    """Write the ``few_shot_image_ids`` subset of ``ann_json`` (same categories, the kept images and
+    their annotations) to ``out_path`` atomically; returns (images kept, per category name its images)."""
+    from storage.goldg import load_coco_api
+
+    coco = load_coco_api(ann_json)
+    if not coco.getCatIds():
+        raise InputError(f"{ann_json}: no categories to sample shots of")
+    kept = set(few_shot_image_ids(coco, shots, seed))
+    data = dict(coco.dataset)
+    data["images"] = [im for im in coco.dataset["images"] if im.get("id") in kept]
+    data["annotations"] = [a for a in coco.dataset.get("annotations", []) if a.get("image_id") in kept]
+    fs.write_json(out_path, data, indent=None)
+    per_category = {category_name(coco.cats[c]): 0 for c in sorted(coco.cats)}
+    for img_id in kept:
+        for c in {a["category_id"] for a in coco.imgToAnns.get(img_id, [])}:
+            if c in coco.cats:
+                per_category[category_name(coco.cats[c])] += 1
+    return len(kept), per_category

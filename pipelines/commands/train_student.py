@@ -119,10 +119,10 @@ def main(
     _print_summary(console, result)
 
 
-def _print_summary(console, result) -> None:
+def _print_summary(console, result, title: str = "train-student") -> None:
     from rich.table import Table
 
-    table = Table(title="train-student", show_header=True)
+    table = Table(title=title, show_header=True)
     table.add_column("")
     table.add_column("value", justify="right")
     table.add_row("steps", f"{result.start_step} -> {result.step}")

@@ -83,6 +83,14 @@ def detection_prompt(image: DetectionImage, rng: np.random.Generator, negatives:
     return caption, [b for b, _ in kept], [[spans[n]] for _, n in kept]
 
 
+def fixed_detection_prompt(image: DetectionImage, prompt: dict) -> tuple[str, list[list[float]], list[list[list[int]]]]:
+    """The one prompt of a prompt-tuning run (``tuning.fixed_category_prompt``: every category, in order)
+    and the image's boxes with their names' spans in it."""
+    spans = {c["name"]: [int(c["start"]), int(c["end"])] for c in prompt["categories"]}
+    kept = [(bbox, name) for bbox, name in image.boxes if name in spans]
+    return prompt["caption"], [b for b, _ in kept], [[spans[n]] for _, n in kept]
+
+
 def unboxed_phrase_spans(sample: GroundedSample) -> list[list[int]]:
     """Spans of the phrases no box grounds (the teacher found nothing above its threshold).
 
@@ -123,7 +131,7 @@ class MixedFeed:
     def __init__(self, sources: TrainingSources, weights: dict[str, float], augment: TrainAugment,
                  seed: int, rank: int = 0, world: int = 1, pseudo_min_score: float = 0.0,
                  pseudo_unboxed: str = "negative", detection_negatives: int | None = 8, shuffle_buffer: int = 256,
-                 max_tokens: int = 256, group_shards: int = 4):
+                 max_tokens: int = 256, group_shards: int = 4, fixed_prompt: dict | None = None):
         available = sources.available()
         self.mix = MixSampler({n: w for n, w in weights.items() if available.get(n)}, seed, rank)
         self.sources, self.augment = sources, augment
@@ -136,6 +144,7 @@ class MixedFeed:
                                           counts=self.reader_counts[name])
                         for name in self.mix.names}
         self.max_tokens = max_tokens
+        self.fixed_prompt = fixed_prompt
         self.prompt_rng = np.random.default_rng([seed, rank, _PROMPT])
         self.augment_rng = torch.Generator().manual_seed(int(np.random.default_rng([seed, rank, _AUGMENT])
                                                              .integers(2 ** 62))).get_state()
@@ -198,7 +207,10 @@ class MixedFeed:
             return None
         record = DetectionImage(sample.key, path, sample.width, sample.height, detection_boxes(sample),
                                 vocabulary, sample.source)
-        caption, boxes, spans = detection_prompt(record, self.prompt_rng, self.detection_negatives, self.max_tokens)
+        if self.fixed_prompt is not None:
+            caption, boxes, spans = fixed_detection_prompt(record, self.fixed_prompt)
+        else:
+            caption, boxes, spans = detection_prompt(record, self.prompt_rng, self.detection_negatives, self.max_tokens)
         return self._augmented(image, caption, boxes, spans, "detection", sample.key, counts)
 
     def _augmented(self, image, caption, boxes_xywh, spans, source, key, counts) -> TrainExample | None:

@@ -40,13 +40,15 @@ class FeedSpec:
     min_size: tuple[int, ...] | int
     max_size: int
     max_tokens: int
+    fixed_prompt: dict | None = None      # tuning.fixed_category_prompt, for prompt-tune runs
 
     def build(self, reader: int, readers: int) -> MixedFeed:
         o = self.options
         return MixedFeed(self.sources, o.mix, TrainAugment(self.min_size, self.max_size, train=o.augment),
                          o.seed, reader, readers, pseudo_min_score=o.pseudo_min_score,
                          pseudo_unboxed=o.pseudo_unboxed, detection_negatives=o.detection_negatives,
-                         shuffle_buffer=o.shuffle_buffer, max_tokens=self.max_tokens, group_shards=o.group_shards)
+                         shuffle_buffer=o.shuffle_buffer, max_tokens=self.max_tokens, group_shards=o.group_shards,
+                         fixed_prompt=self.fixed_prompt)
 
 
 class _FeedBatches(IterableDataset):

@@ -50,6 +50,7 @@ from pipelines.training.checkpointing import RunOutput, checkpoint_dir, latest_c
 from pipelines.training.loader import FeedSpec, WorkerBatches
 from pipelines.training.options import TrainOptions
 from pipelines.training.schedule import build_optimizer, lr_factor, text_parameter_ids
+from pipelines.training.tuning import PromptCheckpoint, prepare_model, prompt_positions
 
 log = logging.getLogger("glipctl.train")
 
@@ -136,8 +137,8 @@ def build_model(options: TrainOptions, checkpoint: str | None = None):
     from glip import GLIP, load_teacher
     from storage.checkpoints import local_model
 
-    if checkpoint:   # resuming: the whole folder is copied anyway, for its train_state.pt
-        return GLIP.from_pretrained(fs.local_copy(checkpoint))
+    if checkpoint and options.tune != "prompt":   # resuming: the whole folder is copied anyway (train_state.pt)
+        return GLIP.from_pretrained(fs.local_copy(checkpoint))   # (a prompt checkpoint holds the prompt only)
     if options.init:
         model = load_teacher(local_model(options.init), preset=options.preset if options.preset != "tiny" else None)
         sizes = {k: v for k, v in options.model_overrides.items() if k in ("min_size", "max_size")}
@@ -274,8 +275,9 @@ def run_worker(config: dict[str, Any], ctx: WorkerContext = WorkerContext()) -> 
     ``config``: ``options`` (TrainOptions), ``sources`` (TrainingSources), ``out`` (absolute
     output folder or URI), ``resume_from`` (checkpoint folder or None), ``heldout`` (HeldOutSets);
     optional ``find_checkpoint`` (True: resume from the newest checkpoint of ``out``, if any,
-    instead of ``resume_from``: what a restarted worker group needs) and ``stop_file``
-    (``run_restartable_worker``).
+    instead of ``resume_from``: what a restarted worker group needs), ``stop_file``
+    (``run_restartable_worker``), ``fixed_prompt`` (``tuning.fixed_category_prompt``: prompt-tune runs)
+    and ``model`` (in-process only: train this model object instead of building one).
     """
     options: TrainOptions = config["options"]
     rank, world, device = ctx.rank, ctx.world, ctx.device
@@ -302,7 +304,10 @@ def _train_worker(config: dict[str, Any], ctx: WorkerContext, out: str,
     torch.manual_seed(options.seed + 1000 * rank)
     random.seed(options.seed + 1000 * rank)
 
-    model = build_model(options, resume_from).to(device)
+    # an in-process caller (tests, benchmarks) may hand its own model in, and look at it afterwards
+    model = config["model"] if config.get("model") is not None else build_model(options, resume_from)
+    model = model.to(device)
+    prepare_model(model, options.tune, fs.local_copy(resume_from) if resume_from and options.tune == "prompt" else None)
     model.train()
     if options.text_lr == 0:   # a text encoder that cannot move needs no gradients (~40% of a tiny CPU step)
         frozen = text_parameter_ids(model)
@@ -312,8 +317,14 @@ def _train_worker(config: dict[str, Any], ctx: WorkerContext, out: str,
     optimizer, scheduler = build_optimizer(model, options.lr, options.text_lr, options.weight_decay,
                                            options.steps, options.warmup, options.schedule)
     cfg = model.config
-    batches = WorkerBatches(FeedSpec(config["sources"], options, cfg.min_size, cfg.max_size, cfg.max_query_len),
-                            rank, world, options.batch_size, options.loader_workers)
+    fixed_prompt = config.get("fixed_prompt")
+    saved = model
+    if options.tune == "prompt":    # checkpoints hold the prompt and what it was tuned for, not the model
+        saved = PromptCheckpoint(model, dict(options.prompt_meta, **fixed_prompt, mode="prompt"))
+    elif fixed_prompt is not None:
+        prompt_positions(model, fixed_prompt["caption"])   # refuse a prompt the model would truncate
+    batches = WorkerBatches(FeedSpec(config["sources"], options, cfg.min_size, cfg.max_size, cfg.max_query_len,
+                                     fixed_prompt), rank, world, options.batch_size, options.loader_workers)
     start_step = 0
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
@@ -405,7 +416,7 @@ def _train_worker(config: dict[str, Any], ctx: WorkerContext, out: str,
                 train_state = {"step": done, "optimizer": optimizer.state_dict(),
                                "scheduler": scheduler.state_dict(), "world_size": world,
                                "ranks": rank_states, "loss_terms": names, "options": options.to_dict()}
-                run.save_checkpoint_in_background(done, model, train_state, options.keep)
+                run.save_checkpoint_in_background(done, saved, train_state, options.keep)
             last_checkpoint = checkpoint_dir(out, done)
             window_start = time.perf_counter()   # samples/s measures training, not checkpoint writes
 

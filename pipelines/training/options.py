@@ -137,6 +137,11 @@ class TrainOptions:
     address: str | None = None
     seed: int = 0
     augment: bool = True
+    # glipctl prompt-tune (pipelines.training.tuning): what trains, and the task's one prompt
+    tune: str = "full"                 # "full" | "linear" | "prompt"
+    fixed_prompt: bool = False         # detection images read the dataset's whole category list, in order
+    prompt_template: Any = None        # JSON of a storage.prompt_template applied to that list
+    prompt_meta: dict[str, Any] = field(default_factory=dict)   # recorded in prompt.json (base model, shots)
 
     def validate(self) -> None:
         """Raise InputError for option combinations that cannot run."""
@@ -161,6 +166,15 @@ class TrainOptions:
             raise InputError("--resume and --overwrite contradict each other: choose one")
         if self.eval_every and not self.eval:
             raise InputError("--eval-every needs --eval ANN.json=IMAGE_DIR")
+        if self.tune not in ("full", "linear", "prompt"):
+            raise InputError(f"--mode {self.tune!r}: expected full, linear or prompt")
+        if self.tune != "full" and not self.init:
+            raise InputError(f"--mode {self.tune} tunes a trained model: give it (--model)")
+        if (self.tune == "prompt" or self.fixed_prompt) and (self.gold or self.pseudo or not self.detection):
+            raise InputError("a fixed category prompt (prompt tuning) trains on detection data only: give --detection "
+                             "and no --gold / --pseudo")
+        if self.tune == "prompt" and not self.fixed_prompt:
+            raise InputError("--mode prompt tunes the offsets of one prompt: it needs the fixed category prompt")
         present = {"gold": bool(self.gold), "pseudo": bool(self.pseudo), "detection": bool(self.detection)}
         if not any(self.mix.get(name, 0) > 0 for name, there in present.items() if there):
             raise InputError(f"--mix gives weight 0 to every source given ({', '.join(k for k, v in present.items() if v)})")

@@ -51,7 +51,8 @@ STAGE = "train-student"
 
 
 # What a run writes into --out; --overwrite deletes exactly these (and nothing else there).
-RUN_OUTPUTS = RUN_FILES + (CONFIG, "model.safetensors", "tokenizer")
+RUN_OUTPUTS = RUN_FILES + (CONFIG, "model.safetensors", "tokenizer",
+                           "prompt.json", "prompt.safetensors")   # glip.prompt's files (prompt-tune)
 
 
 def _clear_previous_run(out: str) -> None:
@@ -204,6 +205,19 @@ def _unwrap_worker_error(exc: BaseException) -> BaseException | None:
     return None
 
 
+def _fixed_prompt(options: TrainOptions, sources) -> dict[str, Any] | None:
+    """The one category prompt of a prompt-tune run (``tuning.fixed_category_prompt``); None otherwise."""
+    if not options.fixed_prompt:
+        return None
+    from pipelines.training.tuning import fixed_category_prompt
+
+    vocabularies = sorted(set(sources.vocabularies.values()))
+    if len(vocabularies) != 1:
+        raise InputError(f"a fixed category prompt needs one detection vocabulary; the --detection data has "
+                         f"{len(vocabularies)}: " + "; ".join(", ".join(v) for v in vocabularies))
+    return fixed_category_prompt(vocabularies[0], options.prompt_template)
+
+
 def train(options: TrainOptions, progress: bool = True) -> TrainResult:
     """Train as ``glipctl train-student`` does; returns where the model is and what happened.
 
@@ -237,6 +251,7 @@ def train(options: TrainOptions, progress: bool = True) -> TrainResult:
     ensure_ray(options.address)
     _check_resources(options)
     sources = prepare_sources(options.gold, options.detection, options.pseudo, out)
+    fixed_prompt = _fixed_prompt(options, sources)
     eval_counts = StageCounts()
     heldout = [HeldOutSet.load(spec, eval_counts) for spec in options.eval]
     if options.overwrite:   # only now: bad input must not cost the previous run
@@ -251,7 +266,8 @@ def train(options: TrainOptions, progress: bool = True) -> TrainResult:
     # every worker group, the first and any Ray Train restarts, starts from the newest checkpoint of
     # OUT: the driver made sure above that those are this run's (none, or the ones --resume continues)
     config = {"options": options, "sources": sources, "out": out, "resume_from": None, "find_checkpoint": True,
-              "stop_file": fs.join(out, "_ray", f"{run_name}.stopped.json"), "heldout": heldout}
+              "stop_file": fs.join(out, "_ray", f"{run_name}.stopped.json"), "heldout": heldout,
+              "fixed_prompt": fixed_prompt}
     env = fs.worker_environment()
     if os.environ.get(FAULT_ENV):        # the loop's test hook (tests only)
         env[FAULT_ENV] = os.environ[FAULT_ENV]
