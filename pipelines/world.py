@@ -25,6 +25,16 @@ Crawled phrases seldom say the colour (30%), and a crawled image never repeats o
 frozen text encoder's contextual embedding of "star" carries its adjective) and never learned
 the shape word the evaluation prompt uses.
 
+A concept the world never names: ``NOVEL_SHAPES`` ("moon", a crescent) can be drawn but no
+gold, crawled or evaluation image shows it and no caption or category says it, so a model
+pretrained on the world has neither seen nor read it. ``generate_transfer_task`` writes a
+small downstream detection dataset (COCO ``train.json``/``test.json``, every shape of
+``SHAPES + NOVEL_SHAPES`` equally often) in which it is one category among the known ones:
+the GLIP paper's few-shot transfer to new categories, where prompt tuning, a linear probe
+and full fine-tuning are compared on how much of a new concept each learns from a few
+labelled images. Its generators are seeded apart from the world's (``_TRANSFER_STREAMS``),
+so adding it changed no byte of any world.
+
 Coordinates: boxes are COCO ``[x, y, w, h]`` in pixels of the stored image (tight bounds of
 the drawn mask). Images are RGB JPEGs, 128-192 px a side.
 """
@@ -37,7 +47,7 @@ import shutil
 import tarfile
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -47,6 +57,7 @@ from storage.records import Box, GroundedSample, Phrase
 
 SHAPES = ("circle", "square", "triangle", "star", "heart", "cross")
 RARE_SHAPES = ("star", "heart")
+NOVEL_SHAPES = ("moon",)    # drawable, but only in the transfer task: the world never shows or names it
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (215, 35, 35), "green": (35, 160, 60), "blue": (35, 75, 215),
     "yellow": (235, 205, 30), "purple": (135, 55, 175), "orange": (245, 135, 25),
@@ -147,6 +158,53 @@ class WorldPaths:
         return f"{self.eval_grounding_json}={self.eval_images}"
 
 
+@dataclass(frozen=True)
+class TransferSpec:
+    """Sizes of the downstream transfer task; everything else follows from ``seed``.
+
+    ``categories`` are COCO category ids 1..N in this order; each object is any of them with
+    equal probability, dealt from shuffled decks so a split has all of them equally often.
+    """
+    seed: int = 0
+    train_images: int = 240
+    test_images: int = 120
+    categories: tuple[str, ...] = SHAPES + NOVEL_SHAPES
+    max_objects: int = 3                # per image, at least 1
+    min_side: int = 128
+    max_side: int = 192
+
+    def __post_init__(self) -> None:
+        unknown = [c for c in self.categories if c not in SHAPES + NOVEL_SHAPES]
+        if not self.categories or unknown or len(set(self.categories)) != len(self.categories):
+            raise ValueError(f"categories must be distinct shapes of {SHAPES + NOVEL_SHAPES}, "
+                             f"got {self.categories!r}")
+
+    @classmethod
+    def small(cls, seed: int = 0) -> "TransferSpec":
+        """A transfer task small enough for the test suite."""
+        return cls(seed=seed, train_images=24, test_images=12)
+
+
+@dataclass
+class TransferPaths:
+    """Where ``generate_transfer_task`` put each split (all under ``root``)."""
+    root: Path
+    train_json: Path
+    train_images: Path
+    test_json: Path
+    test_images: Path
+    summary: dict[str, Any] = field(default_factory=dict)   # objects per split and category
+
+    @property
+    def train_arg(self) -> str:
+        """``ANN.json=IMAGE_DIR`` as the CLI takes it."""
+        return f"{self.train_json}={self.train_images}"
+
+    @property
+    def test_arg(self) -> str:
+        return f"{self.test_json}={self.test_images}"
+
+
 # ----------------------------------------------------------------------------- drawing
 
 def _star(cx: float, cy: float, r: float, rot: float) -> list[tuple[float, float]]:
@@ -180,6 +238,14 @@ def _cross(cx: float, cy: float, r: float, rot: float) -> list[tuple[float, floa
     return [(cx + x * c - y * s, cy + x * s + y * c) for x, y in base]
 
 
+def _moon(draw: ImageDraw.ImageDraw, cx: float, cy: float, r: float, rot: float) -> None:
+    """A crescent: the disc of radius ``r`` minus a smaller one offset towards angle ``rot``."""
+    cut_r, offset = r * 0.85, r * 0.5
+    ox, oy = cx + offset * math.cos(rot), cy + offset * math.sin(rot)
+    draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
+    draw.ellipse([ox - cut_r, oy - cut_r, ox + cut_r, oy + cut_r], fill=0)
+
+
 def _shape_mask(shape: str, size: tuple[int, int], cx: float, cy: float, side: float,
                 rng: np.random.Generator) -> Image.Image:
     """An L-mode mask (255 inside) of one shape whose extent is about ``side`` pixels."""
@@ -199,6 +265,8 @@ def _shape_mask(shape: str, size: tuple[int, int], cx: float, cy: float, side: f
         draw.polygon(_heart(cx, cy, r), fill=255)
     elif shape == "cross":
         draw.polygon(_cross(cx, cy, r, rot), fill=255)
+    elif shape == "moon":
+        _moon(draw, cx, cy, r, rot)
     else:
         raise ValueError(f"unknown shape {shape!r}")
     return mask
@@ -248,10 +316,14 @@ def _background(size: tuple[int, int], rng: np.random.Generator) -> Image.Image:
 
 
 def _draw_scene(objects_spec: list[tuple[str, str, str, str]], rng: np.random.Generator,
-                spec: WorldSpec) -> tuple[bytes, int, int, list[WorldObject]]:
-    """Render one image; returns JPEG bytes, width, height and the placed objects."""
-    w = int(rng.integers(spec.min_side // 8, spec.max_side // 8 + 1)) * 8
-    h = int(rng.integers(spec.min_side // 8, spec.max_side // 8 + 1)) * 8
+                min_side: int, max_side: int) -> tuple[bytes, int, int, list[WorldObject]]:
+    """Render one image, each side a multiple of 8 in [min_side, max_side] pixels.
+
+    Returns JPEG bytes, width, height and the placed objects (an object that finds no free
+    place is left out).
+    """
+    w = int(rng.integers(min_side // 8, max_side // 8 + 1)) * 8
+    h = int(rng.integers(min_side // 8, max_side // 8 + 1)) * 8
     img = _background((w, h), rng)
     placed: list[WorldObject] = []
     taken: list[tuple[float, float, float, float]] = []
@@ -280,18 +352,37 @@ def _draw_scene(objects_spec: list[tuple[str, str, str, str]], rng: np.random.Ge
     return buf.getvalue(), w, h, placed
 
 
-def _pick_objects(rng: np.random.Generator, n: int, rare_weight: float, spec: WorldSpec,
-                  distinct_colours: bool) -> list[tuple[str, str, str, str]]:
-    """``n`` objects; with ``distinct_colours`` a colour word always names exactly one of them."""
-    weights = np.array([rare_weight if s in spec.rare_shapes else 1.0 for s in SHAPES])
+def _weighted_shapes(rng: np.random.Generator, rare_shapes: tuple[str, ...],
+                     rare_weight: float) -> Callable[[], str]:
+    """Each call draws one of ``SHAPES``, a rare one with weight ``rare_weight``, any other 1.0."""
+    weights = np.array([rare_weight if s in rare_shapes else 1.0 for s in SHAPES])
     weights = weights / weights.sum()
+    return lambda: str(rng.choice(SHAPES, p=weights))
+
+
+def _dealt_shapes(rng: np.random.Generator, shapes: tuple[str, ...]) -> Callable[[], str]:
+    """Each call deals the next of ``shapes`` from successive shuffled decks of all of them.
+
+    Every shape is equally likely at each call, and any ``k * len(shapes)`` calls from the
+    start give each exactly ``k`` times: a small split still has every shape, equally often.
+    """
+    def decks() -> Iterator[str]:
+        while True:
+            yield from (str(s) for s in rng.permutation(list(shapes)))
+    return decks().__next__
+
+
+def _pick_objects(rng: np.random.Generator, n: int, next_shape: Callable[[], str],
+                  distinct_colours: bool) -> list[tuple[str, str, str, str]]:
+    """``n`` objects, shapes from ``next_shape``; with ``distinct_colours`` a colour word always
+    names exactly one of them."""
     if distinct_colours:
         colours = rng.permutation(list(COLOURS))[:n]
     else:
         colours = rng.choice(list(COLOURS), size=n)
     out = []
     for colour in colours:
-        shape = str(rng.choice(SHAPES, p=weights))
+        shape = next_shape()
         texture = str(rng.choice(TEXTURES, p=[0.6, 0.2, 0.2]))
         size_word = str(rng.choice(list(SIZES), p=[0.3, 0.4, 0.3]))
         out.append((shape, str(colour), texture, size_word))
@@ -381,6 +472,28 @@ def _write_crawled_shard(out_dir: Path, shard_index: int, records: list[dict[str
     return stats
 
 
+def _coco_annotations(objects: list[WorldObject], image_id: int, first_id: int,
+                      categories: tuple[str, ...]) -> list[dict[str, Any]]:
+    """COCO detection annotations of one image's objects, ids from ``first_id``; an object's
+    ``category_id`` is its shape's 1-based position in ``categories``."""
+    anns = []
+    for k, o in enumerate(objects):
+        x, y, bw, bh = o.bbox
+        anns.append({"id": first_id + k, "image_id": image_id, "category_id": categories.index(o.shape) + 1,
+                     "bbox": [x, y, bw, bh], "area": bw * bh, "iscrowd": 0})
+    return anns
+
+
+def _write_coco(path: Path, description: str, images: list[dict[str, Any]], annotations: list[dict[str, Any]],
+                categories: tuple[str, ...]) -> None:
+    """A COCO detection JSON with one category per shape, ids 1..N in ``categories`` order."""
+    write_json_atomic(path, {
+        "info": {"description": description},
+        "images": images, "annotations": annotations,
+        "categories": [{"id": k + 1, "name": s, "supercategory": "shape"} for k, s in enumerate(categories)],
+    })
+
+
 # ----------------------------------------------------------------------------- world
 
 def _objects_to_sample(key: str, file_name: str, width: int, height: int, objects: list[WorldObject],
@@ -419,10 +532,12 @@ def generate_world(out_dir: str | Path, spec: WorldSpec = WorldSpec()) -> WorldP
 
     # gold: every object named, with its span
     rng = np.random.default_rng([spec.seed, 1])
+    gold_shape = _weighted_shapes(rng, spec.rare_shapes, spec.gold_rare_weight)
     gold = []
     for i in range(spec.gold_images):
         n = int(rng.integers(1, spec.max_objects + 1))
-        jpg, w, h, objects = _draw_scene(_pick_objects(rng, n, spec.gold_rare_weight, spec, False), rng, spec)
+        jpg, w, h, objects = _draw_scene(_pick_objects(rng, n, gold_shape, False), rng,
+                                         spec.min_side, spec.max_side)
         file_name = f"gold_{i:06d}.jpg"
         with atomic_write(paths.gold_images / file_name) as fh:
             fh.write(jpg)
@@ -432,12 +547,14 @@ def generate_world(out_dir: str | Path, spec: WorldSpec = WorldSpec()) -> WorldP
 
     # crawled: images + alt-text, no boxes (img2dataset keys: shard index then row, 9 digits)
     rng = np.random.default_rng([spec.seed, 2])
+    crawled_shape = _weighted_shapes(rng, spec.rare_shapes, spec.crawled_rare_weight)
     records: list[dict[str, Any]] = []
     truth: dict[str, list[dict[str, Any]]] = {}   # never read by a stage: scores pseudo-labels
     shard = 0
     for i in range(spec.crawled_images):
         n = int(rng.integers(1, spec.crawled_max_objects + 1))
-        jpg, w, h, objects = _draw_scene(_pick_objects(rng, n, spec.crawled_rare_weight, spec, True), rng, spec)
+        jpg, w, h, objects = _draw_scene(_pick_objects(rng, n, crawled_shape, True), rng,
+                                         spec.min_side, spec.max_side)
         caption = crawled_caption(objects, rng, spec)
         key = f"{shard:05d}{len(records):04d}"
         meta = {"url": f"https://shapes.example/{spec.seed}/{i}.jpg", "key": key, "status": "success",
@@ -454,25 +571,20 @@ def generate_world(out_dir: str | Path, spec: WorldSpec = WorldSpec()) -> WorldP
 
     # eval: every shape equally likely; COCO detection JSON + MDETR grounding JSON, same images
     rng = np.random.default_rng([spec.seed, 3])
+    eval_shape = _weighted_shapes(rng, spec.rare_shapes, 1.0)
     coco_images, coco_anns, grounding = [], [], []
     for i in range(spec.eval_images):
         n = int(rng.integers(1, spec.max_objects + 1))
-        jpg, w, h, objects = _draw_scene(_pick_objects(rng, n, 1.0, spec, False), rng, spec)
+        jpg, w, h, objects = _draw_scene(_pick_objects(rng, n, eval_shape, False), rng,
+                                         spec.min_side, spec.max_side)
         file_name = f"eval_{i:06d}.jpg"
         with atomic_write(paths.eval_images / file_name) as fh:
             fh.write(jpg)
         coco_images.append({"id": i + 1, "file_name": file_name, "width": w, "height": h})
-        for o in objects:
-            x, y, bw, bh = o.bbox
-            coco_anns.append({"id": len(coco_anns) + 1, "image_id": i + 1, "category_id": SHAPES.index(o.shape) + 1,
-                              "bbox": [x, y, bw, bh], "area": bw * bh, "iscrowd": 0})
+        coco_anns += _coco_annotations(objects, i + 1, len(coco_anns) + 1, SHAPES)
         grounding.append(_objects_to_sample(f"world-eval/{i}/0", file_name, w, h, objects, "goldg/flickr"))
         _count_shapes(objects, summary["shapes"]["eval"])
-    write_json_atomic(paths.eval_coco_json, {
-        "info": {"description": f"glipctl generated world, seed {spec.seed}"},
-        "images": coco_images, "annotations": coco_anns,
-        "categories": [{"id": k + 1, "name": s, "supercategory": "shape"} for k, s in enumerate(SHAPES)],
-    })
+    _write_coco(paths.eval_coco_json, f"glipctl generated world, seed {spec.seed}", coco_images, coco_anns, SHAPES)
     _write_mdetr(grounding, paths.eval_grounding_json)
 
     summary["images"] = {"gold": spec.gold_images, "crawled": spec.crawled_images, "eval": spec.eval_images}
@@ -480,5 +592,57 @@ def generate_world(out_dir: str | Path, spec: WorldSpec = WorldSpec()) -> WorldP
     for split in summary["shapes"]:
         summary["shapes"][split] = dict(sorted(summary["shapes"][split].items()))
     write_json_atomic(root / "world.json", summary)
+    paths.summary = summary
+    return paths
+
+
+# ----------------------------------------------------------------------------- transfer task
+
+_TRANSFER_STREAMS = {"train": 101, "test": 102}   # generator tags apart from the world's (1, 2, 3)
+
+
+def generate_transfer_task(out_dir: str | Path, spec: TransferSpec = TransferSpec()) -> TransferPaths:
+    """Write the transfer task's COCO detection splits under ``out_dir``; same ``spec`` -> same bytes.
+
+    Layout: ``train/`` and ``test/`` hold the JPEGs, ``train.json`` and ``test.json`` their
+    COCO annotations (categories ``spec.categories``, ids 1..N; boxes ``[x, y, w, h]`` pixels,
+    tight around the drawn mask). Images are drawn like the world's evaluation set; each object
+    is any category with equal probability, dealt from shuffled decks of ``spec.categories``
+    (``_dealt_shapes``), so even a small split has every category about equally often (within
+    one, less the ~5% of objects that find no free place in a crowded image). Each split has
+    its own generator seeded by (``spec.seed``, ``_TRANSFER_STREAMS[split]``): sizing one
+    split changes neither the other nor any world.
+
+    A split's JSON is written after all its images, so a JSON on disk means a complete split;
+    a split already there (its JSON exists) is removed first, so no image of an older, larger
+    one survives.
+    """
+    root = Path(out_dir)
+    paths = TransferPaths(root=root, train_json=root / "train.json", train_images=root / "train",
+                          test_json=root / "test.json", test_images=root / "test")
+    summary: dict[str, Any] = {"spec": asdict(spec), "objects": {}}
+    splits = (("train", spec.train_images, paths.train_json, paths.train_images),
+              ("test", spec.test_images, paths.test_json, paths.test_images))
+    for split, n_images, ann_json, image_dir in splits:
+        if ann_json.exists():
+            ann_json.unlink()
+            shutil.rmtree(image_dir, ignore_errors=True)
+        image_dir.mkdir(parents=True, exist_ok=True)
+        rng = np.random.default_rng([spec.seed, _TRANSFER_STREAMS[split]])
+        next_shape = _dealt_shapes(rng, spec.categories)
+        images, anns = [], []
+        counts = dict.fromkeys(spec.categories, 0)
+        for i in range(n_images):
+            n = int(rng.integers(1, spec.max_objects + 1))
+            jpg, w, h, objects = _draw_scene(_pick_objects(rng, n, next_shape, False), rng,
+                                             spec.min_side, spec.max_side)
+            file_name = f"{split}_{i:06d}.jpg"
+            with atomic_write(image_dir / file_name) as fh:
+                fh.write(jpg)
+            images.append({"id": i + 1, "file_name": file_name, "width": w, "height": h})
+            anns += _coco_annotations(objects, i + 1, len(anns) + 1, spec.categories)
+            _count_shapes(objects, counts)
+        _write_coco(ann_json, f"glipctl transfer task {split}, seed {spec.seed}", images, anns, spec.categories)
+        summary["objects"][split] = counts
     paths.summary = summary
     return paths
