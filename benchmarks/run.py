@@ -16,7 +16,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "bench_out"
-ORDER = ["storage", "model", "parse_captions", "pseudo_label", "teachers", "pack", "train_student", "fusion", "demo"]
+ORDER = ["storage", "model", "parse_captions", "pseudo_label", "teachers", "pack", "train_student", "fusion", "demo",
+         "prompt_tune"]
 
 
 def machine_card() -> str:
