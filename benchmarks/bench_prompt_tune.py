@@ -74,7 +74,7 @@ def train_base(kind: str, steps: int, root: Path) -> dict:
     return {"base": kind, "train_s": time.perf_counter() - start}
 
 
-def tune(kind: str, mode: str, shots: int | None, seed: int, steps: int, root: Path) -> dict:
+def tune(kind: str, mode: str, shots: int | None, seed: int, steps: int, root: Path, lr: float | None = None) -> dict:
     """Adapt base ``kind`` with ``mode`` (or evaluate it as it is: mode "zero-shot"); test AP."""
     import time
 
@@ -89,11 +89,11 @@ def tune(kind: str, mode: str, shots: int | None, seed: int, steps: int, root: P
     model = GLIP.from_pretrained(root / f"base-{kind}")
     start = time.perf_counter()
     if mode != "zero-shot":
-        out = root / "runs" / f"{kind}-{mode}-{shots or 'all'}-seed{seed}"
+        out = root / "runs" / (f"{kind}-{mode}-{shots or 'all'}-seed{seed}" + (f"-lr{lr:g}" if lr else ""))
         options = train_options(PromptTuneOptions(
             model=str(root / f"base-{kind}"), detection=f"{transfer / 'train.json'}={transfer / 'train'}",
             out=str(out), mode=mode, shots=shots, steps=steps, batch_size=8, warmup=20, checkpoint_every=0,
-            keep=1, log_every=50, loader_workers=0, cpus_per_worker=1, overwrite=True, seed=seed))
+            keep=1, log_every=50, loader_workers=0, cpus_per_worker=1, overwrite=True, seed=seed, lr=lr))
         spec = options.detection[0]
         sources = _pack_detection(Path(spec.annotations), Path(spec.image_root), out / "_packed")
         (vocabulary,) = set(sources.vocabularies.values())
@@ -206,7 +206,8 @@ def verdict(rows: list[dict]) -> str:
 if __name__ == "__main__":
     what, *args = sys.argv[1:]
     if what == "base":
-        print(json.dumps(train_base(args[0], int(args[1]), Path(args[2]))))
+        print(json.dumps(train_base(args[0], int(args[1]), Path(args[2]).resolve())))
     else:
-        kind, mode, shots, seed, steps, root = args
-        print(json.dumps(tune(kind, mode, None if shots == "all" else int(shots), int(seed), int(steps), Path(root))))
+        kind, mode, shots, seed, steps, root, *lr = args    # lr: calibration runs only
+        print(json.dumps(tune(kind, mode, None if shots == "all" else int(shots), int(seed), int(steps), Path(root).resolve(),
+                              float(lr[0]) if lr else None)))

@@ -7,6 +7,11 @@ models are local paths or URIs (``storage.fs``). A model is a ``glip.GLIP`` or a
 zero-shot detector (``labeling.hf_teacher.HFGrounder``: Grounding DINO, MM Grounding DINO,
 OWLv2; a folder or a hub id), both with the same ``ground`` surface.
 
+The COCO prompt can carry a manual template (``storage.prompt_template``: words around each
+name, whose span still covers the name only), and a GLIP can carry a tuned prompt
+(``labeling.prompts.TunedPrompt``, attached by the caller): the data's category prompt must then
+be the very prompt it was tuned on (``check_tuned_prompt``).
+
 Recall@k protocol (documented choice): a phrase counts as recalled at k when ANY of the
 model's k best boxes for it has IoU >= 0.5 with ANY of its ground-truth boxes (the
 "any-box" protocol of MDETR's ``FlickrEvaluator`` with ``merge_boxes=False``, which GLIP
@@ -25,7 +30,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from storage import fs
-from storage.coco import category_prompts  # the same prompts training builds for detection data
+from storage.coco import category_name, category_prompts  # the same prompts training builds for detection data
 from storage.errors import InputError
 from storage.skips import StageCounts
 
@@ -172,13 +177,18 @@ def _batches(items: list, size: int) -> Iterable[list]:
 
 def detect_coco(model, ann_json: str | Path, image_root: str | Path, *, batch_size: int = 8,
                 threshold: float | None = None, max_tokens: int | None = None, counts: StageCounts | None = None,
-                progress: Callable[[int], None] | None = None) -> tuple[list[dict[str, Any]], list[int], Any]:
+                progress: Callable[[int], None] | None = None, template=None,
+                tuned_prompt=None) -> tuple[list[dict[str, Any]], list[int], Any]:
     """Zero-shot detection of every COCO category on every image of ``ann_json``.
 
     Each image is grounded against every category prompt (category names split over the
     model's token limit); each category's span yields scored boxes that become COCO results.
     ``threshold=None`` is the official protocol (GLIP's post-processor: the 0.05 candidate cut
     and the best 100 boxes per image and prompt); a number keeps every box scoring at least it.
+    ``template``: a ``storage.prompt_template.PromptTemplate``, the words around each name (its
+    span, the box's category, still covers the name only). ``tuned_prompt``: a
+    ``labeling.prompts.TunedPrompt`` the caller attached to ``model``; the dataset's category
+    prompt must then be the one it was tuned on (``check_tuned_prompt``).
     Returns (detections, evaluated image ids, the COCO ground truth object).
     """
     from storage.goldg import load_coco_api
@@ -189,7 +199,9 @@ def detect_coco(model, ann_json: str | Path, image_root: str | Path, *, batch_si
         raise InputError(f"{ann_json}: no categories")
     categories = coco_gt.loadCats(sorted(coco_gt.getCatIds()))
     limit = max_tokens or int(getattr(getattr(model, "config", None), "max_query_len", 256))
-    prompts = category_prompts(categories, limit, model_token_counter(model))
+    prompts = category_prompts(categories, limit, model_token_counter(model), template)
+    if tuned_prompt is not None:
+        check_tuned_prompt(tuned_prompt, prompts, [category_name(c) for c in categories], str(ann_json))
     image_infos = coco_gt.loadImgs(sorted(coco_gt.getImgIds()))
     detections: list[dict[str, Any]] = []
     evaluated: list[int] = []
@@ -220,6 +232,22 @@ def detect_coco(model, ann_json: str | Path, image_root: str | Path, *, batch_si
     return detections, evaluated, coco_gt
 
 
+def check_tuned_prompt(tuned, prompts: list[tuple[str, list[tuple[int, int, int]]]], names: list[str],
+                       where: str) -> None:
+    """``InputError`` unless ``prompts`` (``category_prompts`` of the data named ``where``, whose
+    categories are ``names``) is exactly the one prompt ``tuned`` was tuned on: the same caption and
+    the same category spans. Other categories are named as such (``TunedPrompt.check_categories``)."""
+    built = [(caption, [(s, e) for s, e, _ in spans]) for caption, spans in prompts]
+    if built == [(tuned.caption, tuned.spans)]:
+        return
+    if names != [category_name({"name": n}) for n in tuned.category_names]:
+        tuned.check_categories(names, where)
+    shown = " | ".join(repr(caption) for caption, _ in built)
+    raise InputError(f"{tuned.option} {tuned.path} was tuned on the prompt {tuned.caption!r}; the categories of "
+                     f"{where} make {len(built)} prompt(s): {shown}. The offsets are tied to that text: the same "
+                     f"categories in the same order, the same template, one prompt within the model's token limit")
+
+
 def _ground_prompts(model, images: list, prompts: list[tuple[str, list[tuple[int, int, int]]]],
                     threshold: float | None) -> Iterable[list[list[list[dict[str, Any]]]]]:
     """Per prompt, ``model.ground`` of every image with that prompt. A model whose image side does not
@@ -233,12 +261,18 @@ def _ground_prompts(model, images: list, prompts: list[tuple[str, list[tuple[int
         yield model.ground(images, [caption] * len(images), [spans] * len(images), threshold=threshold)
 
 
-def evaluate_coco(model, ann_json: str | Path, image_root: str | Path, **kwargs) -> dict[str, Any]:
-    """``detect_coco`` + ``coco_metrics``: the numbers ``glipctl evaluate --coco`` reports."""
+def evaluate_coco(model, ann_json: str | Path, image_root: str | Path, *, template=None, tuned_prompt=None,
+                  detections_out: str | None = None, **kwargs) -> dict[str, Any]:
+    """``detect_coco`` + ``coco_metrics``: the numbers ``glipctl evaluate --coco`` reports
+    (``template`` and ``tuned_prompt`` as in ``detect_coco``). ``detections_out``: also write the
+    detections COCOeval scored there (a JSON list in COCO's results format; a path or URI)."""
     counts = kwargs.pop("counts", None) or StageCounts()
-    detections, evaluated, coco_gt = detect_coco(model, ann_json, image_root, counts=counts, **kwargs)
+    detections, evaluated, coco_gt = detect_coco(model, ann_json, image_root, counts=counts, template=template,
+                                                 tuned_prompt=tuned_prompt, **kwargs)
     if not evaluated:
         raise InputError(f"{ann_json}: none of its images could be read under {image_root}")
+    if detections_out is not None:
+        fs.write_json(detections_out, detections, indent=None)
     metrics = coco_metrics(coco_gt, detections, evaluated)
     metrics["counts"] = counts.to_dict()
     return metrics

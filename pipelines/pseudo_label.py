@@ -48,6 +48,12 @@ lost worker had committed is only read back), and one that still fails is record
 ("lost"). A re-run redoes exactly the shards without a commit record; their objects are
 rewritten under the same names.
 
+A category prompt instead of the captions (``--prompt`` a tuned prompt, ``--prompt-template`` a
+manual one; ``LabelPrompt``): every joined image is asked for the same categories; its sample's
+caption is that prompt, its phrases the categories (root = category name, span = the name) and
+``extra["alt_text"]`` its crawled caption. The tuned prompt is attached in each actor after the
+teacher loads (``attach_tuned_prompt``); its sha256 and the template in effect are output options.
+
 Reading the output with Ray Data: ``ray.data.read_webdataset(tars, decoder=None)`` gives the
 original bytes (pass the tars, not the folder: it also holds label tables and the manifest);
 Ray's default decoder cannot put grayscale (2-D) and colour (3-D) arrays in one block.
@@ -114,7 +120,8 @@ def sample_key(shard: str, key: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------ read
-def iter_joined(spec: dict[str, Any], counts: StageCounts) -> Iterator[dict[str, Any]]:
+def iter_joined(spec: dict[str, Any], counts: StageCounts,
+                category_prompt: dict[str, Any] | None = None) -> Iterator[dict[str, Any]]:
     """The shard's images joined with its phrase file by key, in input order.
 
     ``spec``: ``{"shard": CrawledShard.to_dict(), "phrase_file": path}``. Yields
@@ -122,6 +129,11 @@ def iter_joined(spec: dict[str, Any], counts: StageCounts) -> Iterator[dict[str,
     ``{text, start, end, root}`` with valid spans). Images whose key has no phrase row,
     phrase rows whose key has no image, captions without phrases and repeated keys are
     counted skips. Raises when the shard or phrase file cannot be read at all.
+
+    ``category_prompt`` (``{"caption", "phrases"}``, a ``LabelPrompt``'s): every image gets that
+    caption and those phrases instead of its own, and its own caption as ``alt_text``; the phrase
+    file still decides which images there are, but not what they are asked for (no ``no_phrases``
+    or ``phrase_span_invalid`` skips).
     """
     from storage.phrase_files import iter_phrase_rows
     from storage.records import span_is_valid
@@ -143,6 +155,11 @@ def iter_joined(spec: dict[str, Any], counts: StageCounts) -> Iterator[dict[str,
             counts.skip(SKIP_NO_PHRASE_ROW, where, f"not in {spec['phrase_file']}")
             continue
         caption = prow["caption"] or ""
+        if category_prompt is not None:
+            yield {"key": key, "caption": category_prompt["caption"],
+                   "phrases": [dict(p) for p in category_prompt["phrases"]], "alt_text": caption,
+                   "url": rec.get("url") or "", "source_index": int(rec["source_index"]), "image": rec["image"]}
+            continue
         phrases = []
         for p in prow["phrases"] or []:
             start, end = int(p["start"]), int(p["end"])
@@ -247,8 +264,9 @@ class ShardLabeler:
 
     def __init__(self, teacher, config: FilterConfig, extra: dict[str, Any], resize: TeacherResize,
                  batch_size: int, max_samples_per_tar: int, max_buffered: int | None = None,
-                 decode_threads: int = 1):
+                 decode_threads: int = 1, category_prompt: dict[str, Any] | None = None):
         self.teacher = teacher
+        self.category_prompt = category_prompt      # {"caption", "phrases"}: grounded in every image
         self.config = config
         self.extra = extra
         self.resize = resize
@@ -304,7 +322,7 @@ class ShardLabeler:
                 for (seq, _), result in zip(batch, self._label_batch(name, [it for _, it in batch])):
                     order.put(seq, result)
 
-            items = _prefetched(iter_joined(spec, tally.counts), depth=2 * self.batch_size)
+            items = _prefetched(iter_joined(spec, tally.counts, self.category_prompt), depth=2 * self.batch_size)
             for seq, item in enumerate(items):
                 decoding.append((seq, pool.submit(decode_item, item, self.resize)))
                 if len(decoding) > self.decode_threads + self.batch_size:
@@ -357,6 +375,8 @@ class ShardLabeler:
             extra = dict(sample_extra, source_shard=shard, source_key=it["key"], source_index=it["source_index"])
             if it["url"]:
                 extra["url"] = it["url"]
+            if "alt_text" in it:            # a category prompt was grounded: the crawled caption stays with it
+                extra["alt_text"] = it["alt_text"]
             sample, dropped = pseudo_sample(sample_key(shard, it["key"]), it["caption"], it["width"], it["height"],
                                             it["phrases"], result, self.config, self.extra["teacher_source"], extra)
             out.append({"sample": sample, "image": it["image"], "ext": it["ext"], "dropped": dropped})
@@ -406,13 +426,16 @@ class TeacherWorker:
 
     def __init__(self, teacher_path: str, identity: dict[str, str], config: dict[str, Any],
                  extra: dict[str, Any], use_gpu: bool, precision: str, resize: dict[str, int],
-                 batch_size: int, max_samples_per_tar: int):
+                 batch_size: int, max_samples_per_tar: int, category_prompt: dict[str, Any] | None = None,
+                 prompt_path: str | None = None, prompt_sha256: str | None = None):
         from labeling.teacher import load_teacher
 
         device = "cuda" if use_gpu else "cpu"
         teacher = load_teacher(teacher_path, TeacherIdentity.from_dict(identity), device=device, precision=precision)
+        if prompt_path is not None:
+            attach_tuned_prompt(teacher, prompt_path, prompt_sha256)
         self.labeler = ShardLabeler(teacher, FilterConfig(**config), extra, TeacherResize(**resize),
-                                    batch_size, max_samples_per_tar)
+                                    batch_size, max_samples_per_tar, category_prompt=category_prompt)
         self.ready_at = time.time()     # wall clock: lets the driver separate model loading from labeling
 
     def __call__(self, batch):
@@ -437,6 +460,18 @@ class TeacherWorker:
             rows.append({"shard": spec["shard"]["name"], "entry": entry, "error": error, "ready_at": self.ready_at})
         return pa.Table.from_pylist(rows, schema=pa.schema([("shard", pa.string()), ("entry", pa.string()),
                                                             ("error", pa.string()), ("ready_at", pa.float64())]))
+
+
+def attach_tuned_prompt(teacher, path: str, sha256: str | None) -> None:
+    """Put the tuned prompt at ``path`` (read here: a URI is copied to this node) into the GLIP
+    ``teacher``'s model; ``RuntimeError`` when its files are no longer the ones the driver recorded."""
+    from labeling.prompts import TunedPrompt
+
+    tuned = TunedPrompt.read(path)
+    if sha256 is not None and tuned.sha256 != sha256:
+        raise RuntimeError(f"--prompt {path} changed since the run started (sha256 {tuned.sha256[:12]}, "
+                           f"recorded {sha256[:12]})")
+    tuned.attach(teacher.model)
 
 
 def build_dataset(specs: list[dict[str, Any]], *, worker_cls: type, worker_kwargs: dict[str, Any],
@@ -487,6 +522,8 @@ class PseudoLabelOptions:
     max_samples_per_tar: int = 10000
     caption_field: str = "caption"
     overwrite: bool = False
+    prompt: str | None = None                # a tuned prompt folder (labeling.prompts.TunedPrompt)
+    prompt_template: str | None = None       # storage.prompt_template JSON as given (a file, URI or inline)
 
     @property
     def filter_config(self) -> FilterConfig:
@@ -495,7 +532,48 @@ class PseudoLabelOptions:
 
 # Options that change what is written: a resumed run must use the same ones.
 OUTPUT_OPTIONS = ("threshold", "nms_iou", "max_boxes_per_phrase", "min_box_size", "teacher_sha256",
-                  "teacher_min_size", "teacher_max_size", "precision", "max_samples_per_tar")
+                  "teacher_min_size", "teacher_max_size", "precision", "max_samples_per_tar",
+                  "prompt_sha256", "prompt_template")
+
+
+@dataclass(frozen=True)
+class LabelPrompt:
+    """The category prompt a ``--prompt`` / ``--prompt-template`` run grounds in every image
+    (``labeling.prompts.category_prompt``), resolved once on the driver."""
+    caption: str
+    phrases: list[dict[str, Any]]      # {text, start, end, root}: one per category, the span its name
+    template: Any = None               # JSON of the template in effect (the tuned prompt's own with --prompt)
+    path: str | None = None            # the tuned prompt folder as given: each actor reads its own copy
+    sha256: str | None = None          # the tuned prompt's (TunedPrompt.sha256)
+
+    def to_worker(self) -> dict[str, Any]:
+        return {"category_prompt": {"caption": self.caption, "phrases": self.phrases},
+                "prompt_path": self.path, "prompt_sha256": self.sha256}
+
+
+def resolve_prompt(options: "PseudoLabelOptions", identity: TeacherIdentity | None = None) -> LabelPrompt | None:
+    """The run's ``LabelPrompt`` (None without --prompt / --prompt-template); ``InputError`` for a folder
+    that is no tuned prompt, a bad template, a template that disagrees with the prompt's, and, given the
+    teacher's ``identity``, a teacher that is not GLIP or not the prompt's base model."""
+    from labeling.prompts import TunedPrompt, category_prompt, effective_template
+    from labeling.teacher import HF_KIND
+    from storage.errors import InputError
+    from storage.prompt_template import PromptTemplate
+
+    if not options.prompt and not options.prompt_template:
+        return None
+    tuned = TunedPrompt.read(options.prompt) if options.prompt else None
+    template = effective_template(tuned, PromptTemplate.load(options.prompt_template)
+                                  if options.prompt_template else None)
+    caption, phrases = category_prompt(tuned, template)
+    if tuned is not None and identity is not None:
+        if identity.kind == HF_KIND:
+            raise InputError(f"--prompt {options.prompt}: only a GLIP teacher takes a tuned prompt; "
+                             f"{identity.path} is a {identity.model_type} model")
+        tuned.check_base(identity.path, identity.sha256)
+    return LabelPrompt(caption, phrases, template.to_json() if template is not None else None,
+                       fs.normalize(options.prompt) if tuned is not None else None,
+                       tuned.sha256 if tuned is not None else None)
 
 
 @dataclass
@@ -519,22 +597,26 @@ class PseudoLabelResult:
         return totals
 
 
-def _output_options(options: PseudoLabelOptions, identity: TeacherIdentity,
-                    resize: TeacherResize) -> dict[str, Any]:
+def _output_options(options: PseudoLabelOptions, identity: TeacherIdentity, resize: TeacherResize,
+                    prompt: LabelPrompt | None = None) -> dict[str, Any]:
+    """What changes the written labels. ``prompt_template`` is the template in effect as JSON (not the
+    file name it came from), so that a resumed run with an edited file is refused too."""
     return {"threshold": options.threshold, "nms_iou": options.nms_iou,
             "max_boxes_per_phrase": options.max_boxes_per_phrase, "min_box_size": options.min_box_size,
             "teacher_sha256": identity.sha256, "teacher_min_size": resize.min_size,
             "teacher_max_size": resize.max_size, "precision": options.precision,
-            "max_samples_per_tar": options.max_samples_per_tar}
+            "max_samples_per_tar": options.max_samples_per_tar,
+            "prompt_sha256": prompt.sha256 if prompt is not None else None,
+            "prompt_template": prompt.template if prompt is not None else None}
 
 
 def open_manifest(out_dir: str, options: PseudoLabelOptions, identity: TeacherIdentity,
-                  resize: TeacherResize) -> Manifest:
+                  resize: TeacherResize, prompt: LabelPrompt | None = None) -> Manifest:
     """The manifest to resume from, or a fresh one; ``InputError`` when options changed.
 
     ``--overwrite`` forgets every shard of an earlier run (commit records first, then outputs).
     """
-    recorded = dict(asdict(options), **_output_options(options, identity, resize))
+    recorded = dict(asdict(options), **_output_options(options, identity, resize, prompt))
     if not options.overwrite:
         old = Manifest.resumable(out_dir, STAGE, recorded, OUTPUT_OPTIONS)
         if old is not None:
@@ -551,12 +633,16 @@ def open_manifest(out_dir: str, options: PseudoLabelOptions, identity: TeacherId
 
 def check_options(options: PseudoLabelOptions) -> None:
     """Cheap checks of the user's paths (no Ray): ``InputError`` naming the bad one."""
-    from labeling.teacher import check_teacher, teacher_resize
+    from labeling.teacher import HF_KIND, check_teacher, teacher_resize
     from storage.errors import InputError
 
     if options.precision not in PRECISIONS:
         raise InputError(f"--precision {options.precision!r}: expected one of {', '.join(PRECISIONS)}")
-    check_teacher(options.teacher)        # not found, not a checkpoint, or a file torch cannot read
+    kind = check_teacher(options.teacher)  # not found, not a checkpoint, or a file torch cannot read
+    resolve_prompt(options)               # not a prompt folder, a bad template (the base model: run_pseudo_label)
+    if options.prompt and kind == HF_KIND:
+        raise InputError(f"--prompt {options.prompt}: only a GLIP teacher takes a tuned prompt; {options.teacher} "
+                         f"is a transformers model")
     teacher_resize(options.teacher, options.image_size)            # an unreadable config.json is exit 2
     if fs.kind_of(options.phrases) != "dir":
         raise InputError(f"{options.phrases}: phrases folder not found (the --out of parse-captions)")
@@ -601,8 +687,9 @@ def run_pseudo_label(shards: list[CrawledShard], out_dir: str, options: PseudoLa
     resize = teacher_resize(teacher_path, options.image_size)
     if not fs.is_dir(phrases_dir):
         raise InputError(f"{phrases_dir}: phrases folder not found (the --out of parse-captions)")
+    prompt = resolve_prompt(options, identity)     # the base model is checked here, against the teacher's sha256
     fs.makedirs(out_dir)
-    manifest = open_manifest(out_dir, options, identity, resize)
+    manifest = open_manifest(out_dir, options, identity, resize, prompt)
     result = PseudoLabelResult(manifest)
 
     phrase_files = {e.name for e in fs.list_dir(phrases_dir) if not e.is_dir}
@@ -639,12 +726,15 @@ def run_pseudo_label(shards: list[CrawledShard], out_dir: str, options: PseudoLa
     extra = {**identity.sample_extra(), "teacher_source": identity.source, **config.to_dict(),
              "teacher_min_size": resize.min_size, "teacher_max_size": resize.max_size,
              "precision": options.precision}
+    if prompt is not None and prompt.sha256:
+        extra["prompt_sha256"] = prompt.sha256
     specs = [{"shard": s.to_dict(), "phrase_file": phrase_file_for(phrases_dir, s), "out_dir": out_dir}
              for s in pending]
     worker_kwargs = {"teacher_path": teacher_path, "identity": identity.to_dict(), "config": config.to_dict(),
                      "extra": extra, "precision": options.precision,
                      "resize": resize.to_dict(),
-                     "batch_size": options.batch_size, "max_samples_per_tar": options.max_samples_per_tar}
+                     "batch_size": options.batch_size, "max_samples_per_tar": options.max_samples_per_tar,
+                     **(prompt.to_worker() if prompt is not None else {})}
     started, started_wall = time.perf_counter(), time.time()
     saver = _SummarySaver(manifest, out_dir)
     finished: set[str] = set()

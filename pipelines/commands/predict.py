@@ -1,4 +1,8 @@
-"""`glipctl predict`: ground a prompt's phrases in a few images; print the boxes, draw them."""
+"""`glipctl predict`: ground a prompt's phrases in a few images; print the boxes, draw them.
+
+The text is ``--prompt``, a category list with ``--prompt-template`` words around its names, or
+the categories of a tuned prompt: ``--prompt DIR`` (a folder holding ``prompt.json``, as evaluate and
+pseudo-label take it) or ``--tuned-prompt DIR`` (the same, beside a ``--prompt`` text)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -44,6 +48,71 @@ def phrase_spans(prompt: str, phrases: str, spacy_model: str | None = None) -> l
     if not spans:
         raise InputError("--phrases names no phrase")
     return spans
+
+
+def prompt_and_spans(prompt: str | None, phrases: str = "auto", spacy_model: str | None = None, *,
+                     template=None, tuned=None) -> tuple[str, list[tuple[int, int]]]:
+    """The text the model reads and the character spans of it to ground.
+
+    ``tuned`` (a ``labeling.prompts.TunedPrompt``): its caption, and with ``phrases`` "auto" its
+    categories' spans (one phrase per category, the name only); a ``prompt`` that is neither that
+    caption nor a category list that becomes it (``category_list_prompt`` with the prompt's own
+    template) is refused. ``template`` (a ``storage.prompt_template.PromptTemplate``; with ``tuned``
+    it must agree with the prompt's own, ``labeling.prompts.effective_template``): applied to the
+    names of a category-list ``prompt``, or, with no ``prompt``, the template's own categories
+    (``labeling.prompts.template_prompt``). Neither: ``phrase_spans(prompt, phrases)``.
+    """
+    from labeling.prompts import effective_template, template_prompt
+
+    template = effective_template(tuned, template)
+    if tuned is not None:
+        caption = tuned.caption
+        if prompt is not None and prompt != caption and not _becomes(prompt, template, caption):
+            raise InputError(f"--prompt {prompt!r} is not the text {tuned.option} {tuned.path} was tuned on "
+                             f"({caption!r}): the offsets are tied to its tokens; leave --prompt out to ground "
+                             f"its categories")
+        if phrases.strip() == "auto":
+            return caption, tuned.spans
+        return caption, phrase_spans(caption, phrases, spacy_model)
+    if template is not None:
+        if phrases.strip() != "auto":
+            raise InputError("--phrases cannot be combined with --prompt-template: the phrases are the category "
+                             "names the template is applied to")
+        if prompt is None:
+            caption, found = template_prompt(template)
+            return caption, [(p["start"], p["end"]) for p in found]
+        rendered = category_list_prompt(prompt, template)
+        if rendered is None:
+            raise InputError(f"--prompt-template applies to a category-list --prompt ('star. heart. circle.': two "
+                             f"or more names separated by '. '); {prompt!r} is not one. Give the template alone "
+                             f"to ground the categories it names")
+        return rendered
+    if prompt is None:
+        raise InputError("give --prompt TEXT (or --tuned-prompt DIR, or --prompt-template JSON)")
+    return prompt, phrase_spans(prompt, phrases, spacy_model)
+
+
+def _becomes(prompt: str, template, caption: str) -> bool:
+    """Whether the category list ``prompt`` with ``template`` is written as ``caption``."""
+    try:
+        rendered = category_list_prompt(prompt, template)
+    except InputError:            # the template names a category the list lacks
+        return False
+    return rendered is not None and rendered[0] == caption
+
+
+def category_list_prompt(prompt: str, template=None) -> tuple[str, list[tuple[int, int]]] | None:
+    """A category-list ``prompt`` (``labeling.phrases.category_list_spans``) as the category prompt
+    ``storage.coco.category_prompts`` writes for its names, ``template``'s words around each (None:
+    the bare names): ``(caption, span of each name)``; None when ``prompt`` is not a category list."""
+    from labeling.phrases import category_list_spans
+    from storage.prompt_template import CategoryText, render
+
+    listed = category_list_spans(prompt)
+    if listed is None:
+        return None
+    names = [prompt[s:e] for s, e in listed]
+    return render(template.texts(names) if template is not None else [CategoryText("", n, "") for n in names])
 
 
 def check_device(device: str) -> None:
@@ -97,12 +166,27 @@ def predict_images(model, paths: list[str], prompt: str, spans: list[tuple[int, 
     return out
 
 
+def is_prompt_folder(value: str) -> bool:
+    """Whether ``value`` names a tuned prompt folder (holds ``prompt.json``) rather than prompt text."""
+    from glip.prompt import PROMPT_META
+    from storage import fs
+
+    if "\n" in value or len(value) > 4096:
+        return False
+    try:
+        return fs.is_file(fs.join(value, PROMPT_META))
+    except (OSError, ValueError):
+        return False
+
+
 def main(
     images: Annotated[list[str], typer.Argument(help="Image files (JPEG, PNG, ...): local paths or URIs.")],
     model: Annotated[str, typer.Option("--model", help="Checkpoint directory (train-student, convert-official) "
                                                        "or an official GLIP .pth; a local path or a URI.")],
-    prompt: Annotated[str, typer.Option("--prompt", help="The text the model reads, e.g. 'a red star and a "
-                                                         "blue circle'.")],
+    prompt: Annotated[str | None, typer.Option("--prompt", help="The text the model reads, e.g. 'a red star and "
+                                                                "a blue circle'; or a tuned prompt folder (one "
+                                                                "holding prompt.json: as --tuned-prompt). May be "
+                                                                "left out with --tuned-prompt or --prompt-template.")] = None,
     phrases: Annotated[str, typer.Option("--phrases", help="'auto': a category-list prompt ('star. heart. "
                                                            "circle.': two or more names of up to four words, "
                                                            "separated by '. ', optional final '.') grounds each "
@@ -121,10 +205,24 @@ def main(
                                                     "(installed name or path).")] = None,
     device: Annotated[str, typer.Option("--device", help="Where the model runs: 'cpu', 'cuda', 'cuda:1', "
                                                          "...")] = "cpu",
+    tuned_prompt: Annotated[str | None, typer.Option(
+        "--tuned-prompt", help="A tuned prompt folder (prompt.json + prompt.safetensors from `glipctl prompt-tune "
+        "--mode prompt`; local or a URI), added to the text features in every forward. Only with the GLIP --model "
+        "it was tuned on (refused unless that model's sha256 is the one recorded) and only on the text it was "
+        "tuned on: without --prompt it grounds that text's categories (one phrase per category; a span covers "
+        "the name only, not the template's words around it); a --prompt that is not that text (or a category "
+        "list that its template makes that text) is refused.")] = None,
+    prompt_template: Annotated[str | None, typer.Option(
+        "--prompt-template", help="Words around each category name, JSON (a file, a URI or inline): "
+        "{\"hand\": {\"suffix\": \" of a person\"}} or the official list [{\"prefix\", \"name\", "
+        "\"suffix\"}, ...] in category order. Applied to the names of a category-list --prompt ('hand. dog.' "
+        "reads 'hand of a person. dog.'); without --prompt it grounds the categories the template names. Each "
+        "name is one phrase and its span covers the name only; not with --phrases. With --tuned-prompt the "
+        "prompt's own template is used, and a different one here is an error.")] = None,
 ) -> None:
     """Ground the phrases of a prompt in images: print the boxes and write PNGs with them drawn.
 
-    A prompt that lists category names ("star. heart. circle.") grounds each name as its own phrase; a sentence gets its noun phrases (spaCy). --phrases names them explicitly.
+    A prompt that lists category names ("star. heart. circle.") grounds each name as its own phrase; a sentence gets its noun phrases (spaCy). --phrases names them explicitly. --prompt-template puts words around the names; --tuned-prompt grounds the categories of a prompt tuned for this model.
     """
     import io
 
@@ -132,17 +230,30 @@ def main(
     from rich.table import Table
 
     from labeling.evaluation import load_model
+    from labeling.prompts import TunedPrompt, effective_template
     from pipelines.drawing import draw_boxes
     from storage import fs
+    from storage.prompt_template import PromptTemplate
 
+    if prompt is not None and tuned_prompt is None and is_prompt_folder(prompt):
+        tuned_prompt, prompt = prompt, None          # --prompt DIR, as evaluate and pseudo-label take it
     images = [fs.normalize(p) for p in images]
     out = fs.normalize(out)
     for p in images:
         if fs.kind_of(p) != "file":
             raise InputError(f"{p}: no such image")
     check_device(device)
-    spans = phrase_spans(prompt, phrases, spacy_model)
-    net = to_device(load_model(model), device)
+    tuned = TunedPrompt.read(tuned_prompt, option="--tuned-prompt") if tuned_prompt else None
+    template = effective_template(tuned, PromptTemplate.load(prompt_template) if prompt_template else None)
+    prompt, spans = prompt_and_spans(prompt, phrases, spacy_model, template=template, tuned=tuned)
+    net = load_model(model)
+    if tuned is not None:
+        if not hasattr(net, "attach_prompt"):
+            raise InputError(f"--tuned-prompt {tuned_prompt}: only a GLIP --model takes a tuned prompt; {model} "
+                             f"is not one")
+        tuned.check_base(model)
+        tuned.attach(net)
+    net = to_device(net, device)
     results = predict_images(net, images, prompt, spans, threshold, max_per_phrase)
 
     stdout = Console()
@@ -170,6 +281,11 @@ def main(
         drawn.save(png, format="PNG")
         fs.write_bytes(r["png"], png.getvalue())
     stdout.print(table)
-    fs.write_json(fs.join(out, "predictions.json"), {"prompt": prompt, "phrases": [prompt[s:e] for s, e in spans],
-                                                     "threshold": threshold, "device": device, "images": results})
+    written: dict[str, Any] = {"prompt": prompt, "phrases": [prompt[s:e] for s, e in spans]}
+    if tuned is not None:
+        written["tuned_prompt"] = {"path": tuned_prompt, "sha256": tuned.sha256}
+    if template is not None:
+        written["prompt_template"] = template.to_json()
+    fs.write_json(fs.join(out, "predictions.json"), {**written, "threshold": threshold, "device": device,
+                                                     "images": results})
     stdout.print(f"wrote {len(results)} PNG(s) and predictions.json to {out}")

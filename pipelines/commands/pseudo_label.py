@@ -61,6 +61,22 @@ def main(
              "to parse-captions).")] = "caption",
     address: Annotated[Optional[str], typer.Option(
         help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray).")] = None,
+    prompt: Annotated[Optional[str], typer.Option(
+        "--prompt", "--tuned-prompt", help="A tuned prompt folder (prompt.json + prompt.safetensors from "
+        "`glipctl prompt-tune --mode prompt`; a path or URI). Instead of each caption's parsed phrases, the teacher "
+        "grounds the prompt's own text in every image, one phrase per category (its span covers the category "
+        "name only); each sample's caption is that text, its phrases the categories (root = category name), "
+        "and the crawled caption is kept in extra.alt_text. The phrase files still say which images to label. "
+        "Only with the GLIP --teacher it was tuned on (refused unless that model's sha256 is the one recorded; "
+        "transformers teachers are refused). Its sha256 is recorded: a resumed run must use the same prompt.")] = None,
+    prompt_template: Annotated[Optional[str], typer.Option(
+        "--prompt-template", help="Ground a manual category prompt in every image instead of each caption's "
+        "phrases: JSON (a file, a URI or inline) naming the categories and the words around each name, "
+        "{\"hand\": {\"suffix\": \" of a person\"}, \"dog\": {}} or the official list [{\"prefix\", "
+        "\"name\", \"suffix\"}, ...]; the prompt is 'hand of a person. dog.' and each span covers the name "
+        "only. Samples as with --prompt (caption = that prompt, crawled caption in extra.alt_text); any teacher. "
+        "With --prompt the prompt's own template is used and a different one here is an error. Recorded: a "
+        "resumed run must use the same.")] = None,
     overwrite: Annotated[bool, typer.Option(
         "--overwrite", help="Start over instead of resuming from --out's _manifest.json.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every skip reason.")] = False,
@@ -80,7 +96,8 @@ def main(
                                  min_box_size=min_box_size, image_size=image_size, workers=workers,
                                  batch_size=batch_size, gpus_per_worker=gpus_per_worker, precision=precision,
                                  max_samples_per_tar=max_samples_per_tar, caption_field=caption_field,
-                                 overwrite=overwrite)
+                                 overwrite=overwrite, prompt=normalize(prompt) if prompt else None,
+                                 prompt_template=prompt_template)
     check_options(options)          # bad paths are exit 2 before Ray starts
     ensure_ray(address)
     with _progress(console) as update:

@@ -256,3 +256,170 @@ def test_predict_device_option(cli, tiny_checkpoint, shapes_image, tmp_path):
 
         net = to_device(load_model(tiny_checkpoint), "cuda")
         assert next(net.parameters()).device.type == "cuda"
+
+
+# ---- prompts for a frozen model: a manual --prompt-template and a tuned prompt (prompt-tune --mode prompt)
+
+EVAL_NAMES = ["circle", "square", "triangle", "star", "heart", "cross"]     # the world's categories, by id
+PROMPT_TEMPLATE = {"star": {"suffix": " with five points"}}
+TUNED_CAPTION = "circle. square. triangle. star with five points. heart. cross."
+
+
+@pytest.fixture(scope="module")
+def prompt_world(tmp_path_factory):
+    from pipelines.world import WorldSpec, generate_world
+
+    return generate_world(tmp_path_factory.mktemp("prompt_world"),
+                          WorldSpec.small(seed=0).scaled(eval_images=3, gold_images=1, crawled_images=1))
+
+
+@pytest.fixture(scope="module")
+def tuned_prompt(tiny_checkpoint, tmp_path_factory):
+    """A prompt for tiny_checkpoint on the world's categories with PROMPT_TEMPLATE, random offsets."""
+    from prompt_helpers import save_tuned_prompt
+
+    return save_tuned_prompt(tmp_path_factory.mktemp("tuned") / "prompt", tiny_checkpoint, EVAL_NAMES,
+                             PROMPT_TEMPLATE)
+
+
+def _same_detections(a: list[dict], b: list[dict]) -> bool:
+    return len(a) == len(b) and all(
+        (x["image_id"], x["category_id"]) == (y["image_id"], y["category_id"])
+        and x["bbox"] == pytest.approx(y["bbox"], abs=1e-4) and x["score"] == pytest.approx(y["score"], abs=1e-6)
+        for x, y in zip(a, b))
+
+
+def test_evaluate_with_a_tuned_prompt_detects_what_the_model_with_it_attached_does(
+        cli, tiny_checkpoint, tuned_prompt, prompt_world, tmp_path):
+    from labeling.evaluation import detect_coco, load_model
+    from labeling.teacher import checkpoint_sha256
+    from prompt_helpers import prompted_model
+    from storage.prompt_template import PromptTemplate
+
+    w, template = prompt_world, PromptTemplate.from_json(PROMPT_TEMPLATE)
+    out, dets = tmp_path / "eval.json", tmp_path / "dets.json"
+    r = cli("evaluate", "--model", tiny_checkpoint, "--coco", w.eval_coco_arg, "--prompt", tuned_prompt,
+            "--out", out, "--detections", dets, "--batch-size", "2")
+    assert r.exit_code == 0, r.output
+    report = json.loads(out.read_text())
+    assert report["prompt"] == {"path": str(tuned_prompt), "sha256": checkpoint_sha256(tuned_prompt),
+                                "caption": TUNED_CAPTION}
+    assert report["prompt_template"] == template.to_json()         # the prompt's own template
+    tuned = json.loads(dets.read_text())
+    by_hand, _, _ = detect_coco(prompted_model(tiny_checkpoint, tuned_prompt), w.eval_coco_json, w.eval_images,
+                                batch_size=2, template=template)
+    assert tuned and _same_detections(tuned, by_hand)
+    assert report["coco"]["detections"] == len(tuned)
+
+    # the same text without the offsets: other detections (--prompt-template alone gives that text)
+    r = cli("evaluate", "--model", tiny_checkpoint, "--coco", w.eval_coco_arg, "--prompt-template",
+            json.dumps(PROMPT_TEMPLATE), "--detections", tmp_path / "plain.json", "--batch-size", "2")
+    assert r.exit_code == 0, r.output
+    plain = json.loads((tmp_path / "plain.json").read_text())
+    without, _, _ = detect_coco(load_model(tiny_checkpoint), w.eval_coco_json, w.eval_images, batch_size=2,
+                                template=template)
+    assert _same_detections(plain, without) and not _same_detections(plain, tuned)
+
+
+def test_evaluate_refuses_a_tuned_prompt_it_cannot_honour(cli, tiny_checkpoint, tuned_prompt, prompt_world,
+                                                          tmp_path):
+    from prompt_helpers import other_model
+
+    w = prompt_world
+    base = ["evaluate", "--coco", w.eval_coco_arg, "--prompt", tuned_prompt, "--out", tmp_path / "x.json"]
+
+    def refused(*args) -> str:
+        r = cli(*args)
+        assert r.exit_code == 2, r.output
+        assert not (tmp_path / "x.json").exists()
+        return " ".join(r.output.split())
+
+    said = refused(*base, "--model", other_model(tiny_checkpoint, tmp_path / "other"))
+    assert "was tuned for base model sha256" in said and "use the model it was tuned on" in said
+    said = refused(*base, "--model", tiny_checkpoint, "--grounding", w.eval_grounding_arg)
+    assert "a tuned prompt is for COCO detection (--coco) only" in said
+    said = refused(*base, "--model", tiny_checkpoint, "--prompt-template", '{"star": {"suffix": " with six points"}}')
+    assert "differs from what --prompt" in said and "a tuned prompt brings its own" in said
+    # the same images with one category fewer: not the list the prompt was tuned on
+    coco = json.loads(w.eval_coco_json.read_text())
+    coco["categories"] = [c for c in coco["categories"] if c["name"] != "cross"]
+    coco["annotations"] = [a for a in coco["annotations"] if a["category_id"] in {c["id"] for c in coco["categories"]}]
+    fewer = tmp_path / "fewer.json"
+    fewer.write_text(json.dumps(coco))
+    said = refused("evaluate", "--coco", f"{fewer}={w.eval_images}", "--prompt", tuned_prompt, "--model",
+                   tiny_checkpoint, "--out", tmp_path / "x.json")
+    assert f"was tuned on the categories {', '.join(EVAL_NAMES)}; {fewer} has " \
+           f"{', '.join(EVAL_NAMES[:-1])}" in said
+
+
+def _ground_by_hand(model, image_path, caption: str, spans) -> list[dict]:
+    (per_phrase,) = model.ground([Image.open(image_path).convert("RGB")], [caption], [spans], threshold=0.0,
+                                 max_per_phrase=1)
+    return [{"span": [s, e], **d} for (s, e), dets in zip(spans, per_phrase) for d in dets]
+
+
+def _same_boxes(predicted: list[dict], by_hand: list[dict]) -> bool:
+    return len(predicted) == len(by_hand) and all(
+        p["span"] == h["span"] and p["bbox"] == pytest.approx(h["bbox"], abs=0.006)
+        and p["score"] == pytest.approx(h["score"], abs=6e-5) for p, h in zip(predicted, by_hand))
+
+
+def test_predict_with_a_tuned_prompt_grounds_its_categories(cli, tiny_checkpoint, tuned_prompt, shapes_image,
+                                                            tmp_path):
+    from labeling.evaluation import load_model
+    from labeling.teacher import checkpoint_sha256
+    from prompt_helpers import other_model, prompted_model
+
+    args = ["predict", shapes_image, "--model", tiny_checkpoint, "--tuned-prompt", tuned_prompt, "--threshold", "0",
+            "--max-per-phrase", "1"]
+    r = cli(*args, "--out", tmp_path / "tuned")
+    assert r.exit_code == 0, r.output
+    preds = json.loads((tmp_path / "tuned" / "predictions.json").read_text())
+    assert preds["prompt"] == TUNED_CAPTION and preds["phrases"] == EVAL_NAMES      # spans cover the names only
+    assert preds["tuned_prompt"] == {"path": str(tuned_prompt), "sha256": checkpoint_sha256(tuned_prompt)}
+    spans = [tuple(b["span"]) for b in preds["images"][0]["boxes"]]
+    assert [TUNED_CAPTION[s:e] for s, e in spans] == EVAL_NAMES
+    boxes = preds["images"][0]["boxes"]
+    assert _same_boxes(boxes, _ground_by_hand(prompted_model(tiny_checkpoint, tuned_prompt), shapes_image,
+                                              TUNED_CAPTION, spans))
+    assert not _same_boxes(boxes, _ground_by_hand(load_model(tiny_checkpoint), shapes_image, TUNED_CAPTION, spans))
+    # --prompt DIR, as evaluate and pseudo-label take it, is the same
+    r = cli("predict", shapes_image, "--model", tiny_checkpoint, "--prompt", tuned_prompt, "--threshold", "0",
+            "--max-per-phrase", "1", "--out", tmp_path / "as_prompt")
+    assert r.exit_code == 0, r.output
+    again = json.loads((tmp_path / "as_prompt" / "predictions.json").read_text())
+    assert again["tuned_prompt"] == preds["tuned_prompt"] and again["images"][0]["boxes"] == boxes
+
+    # the category list it was tuned on reads as the same text; another text is refused
+    r = cli(*args, "--prompt", "circle. square. triangle. star. heart. cross", "--out", tmp_path / "listed")
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "listed" / "predictions.json").read_text())["prompt"] == TUNED_CAPTION
+    for caption in ("circle. square.", "a red circle"):
+        r = cli(*args, "--prompt", caption, "--out", tmp_path / "other")
+        assert r.exit_code == 2 and "is not the text --tuned-prompt" in " ".join(r.output.split())
+    r = cli(*args[:3], other_model(tiny_checkpoint, tmp_path / "other_model"), *args[4:], "--out", tmp_path / "o")
+    assert r.exit_code == 2 and "was tuned for base model sha256" in " ".join(r.output.split())
+
+
+def test_predict_applies_a_template_to_a_category_list(cli, tiny_checkpoint, shapes_image, tmp_path):
+    from labeling.evaluation import load_model
+
+    template = json.dumps(PROMPT_TEMPLATE)
+    args = ["predict", shapes_image, "--model", tiny_checkpoint, "--threshold", "0", "--max-per-phrase", "1"]
+    r = cli(*args, "--prompt", "square. star.", "--prompt-template", template, "--out", tmp_path / "listed")
+    assert r.exit_code == 0, r.output
+    preds = json.loads((tmp_path / "listed" / "predictions.json").read_text())
+    assert preds["prompt"] == "square. star with five points." and preds["phrases"] == ["square", "star"]
+    assert preds["prompt_template"] == {"star": {"prefix": "", "name": "star", "suffix": " with five points"}}
+    assert _same_boxes(preds["images"][0]["boxes"], _ground_by_hand(load_model(tiny_checkpoint), shapes_image,
+                                                                    preds["prompt"], [(0, 6), (8, 12)]))
+    # a template alone grounds the categories it names
+    r = cli(*args, "--prompt-template", '{"star": {"suffix": " with five points"}, "heart": {}}',
+            "--out", tmp_path / "alone")
+    assert r.exit_code == 0, r.output
+    preds = json.loads((tmp_path / "alone" / "predictions.json").read_text())
+    assert preds["prompt"] == "star with five points. heart." and preds["phrases"] == ["star", "heart"]
+    r = cli(*args, "--prompt", "a red star on a wall", "--prompt-template", template, "--out", tmp_path / "x")
+    assert r.exit_code == 2 and "applies to a category-list --prompt" in " ".join(r.output.split())
+    r = cli(*args, "--out", tmp_path / "x")
+    assert r.exit_code == 2 and "give --prompt TEXT" in r.output

@@ -610,3 +610,137 @@ def test_keys_are_unique_across_two_crawls_merged_into_one_input(tiny_teacher, t
         with tarfile.open(crawl["crawled"] / "00000.tar") as tar:
             assert image == tar.extractfile(f"{crawled_key}.jpg").read()
             assert d["caption"] == tar.extractfile(f"{crawled_key}.txt").read().decode()
+
+
+# ----------------------------------------------------------------------------- a category prompt in every image
+PROMPT_NAMES = ["square", "tile"]
+PROMPT_TEMPLATE = {"tile": {"prefix": "an orange "}}
+
+
+@pytest.fixture(scope="module")
+def prompt_inputs(tmp_path_factory) -> dict:
+    """One shard of three images; the last caption has no parsed phrase (a category prompt labels it anyway)."""
+    from storage.phrase_files import iter_phrase_rows
+
+    mixed = _mixed_size_inputs(tmp_path_factory.mktemp("prompt_inputs"), n=3)
+    rows = [dict(r) for r in iter_phrase_rows(str(mixed["phrases"] / "00000.parquet"))]
+    rows[-1]["phrases"] = []
+    write_phrase_file(mixed["phrases"] / "00000.parquet", rows)
+    return {**mixed, "captions": {r["key"]: r["caption"] for r in rows}}
+
+
+@pytest.fixture(scope="module")
+def teacher_prompts(teacher_dir, tmp_path_factory) -> list[Path]:
+    """Two tuned prompts for the teacher on PROMPT_NAMES with PROMPT_TEMPLATE (other random offsets)."""
+    from prompt_helpers import save_tuned_prompt
+
+    root = tmp_path_factory.mktemp("teacher_prompts")
+    return [save_tuned_prompt(root / f"prompt{seed}", teacher_dir, PROMPT_NAMES, PROMPT_TEMPLATE, seed=seed)
+            for seed in (0, 1)]
+
+
+@pytest.fixture(scope="module")
+def prompt_labeled(prompt_inputs, teacher_dir, teacher_prompts, tmp_path_factory, ray_session):
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    out = tmp_path_factory.mktemp("prompt_out")
+    result = CliRunner().invoke(app, _args(prompt_inputs, teacher_dir, out, "--prompt", str(teacher_prompts[0])))
+    return out, result
+
+
+def _grounded_by_hand(teacher, d: dict, image: bytes) -> list[dict]:
+    """The boxes ``teacher`` grounds for sample ``d``'s caption and phrases in ``image``, through the stage's
+    resize and filters."""
+    from labeling.filters import FilterConfig, pseudo_sample
+    from labeling.images import decode_image
+    from labeling.teacher import teacher_resize
+
+    decoded = decode_image(image)
+    pixels = teacher_resize(teacher.identity.path, IMAGE_SIZE)(decoded.image)     # what --image-size asks
+    (dets,) = teacher.ground([pixels], [(decoded.width, decoded.height)], [d["caption"]],
+                             [[(p["start"], p["end"]) for p in d["phrases"]]], threshold=THRESHOLD, nms_iou=0.6)
+    sample, _ = pseudo_sample(d["key"], d["caption"], decoded.width, decoded.height, d["phrases"], dets,
+                              FilterConfig(THRESHOLD, 0.6, 10, 2.0), d["source"])
+    return sample.to_dict()["boxes"]
+
+
+def _same_boxes(a: list[dict], b: list[dict]) -> bool:
+    return len(a) == len(b) and all(x["phrase"] == y["phrase"] and x["bbox"] == pytest.approx(y["bbox"], abs=1e-3)
+                                    and x["score"] == pytest.approx(y["score"], abs=1e-5) for x, y in zip(a, b))
+
+
+def test_a_tuned_prompt_is_grounded_in_every_image(prompt_inputs, prompt_labeled, teacher_dir, teacher_prompts):
+    from labeling.prompts import TunedPrompt
+    from labeling.teacher import GLIPTeacher, teacher_identity
+    from prompt_helpers import prompted_model
+
+    out, result = prompt_labeled
+    assert result.exit_code == 0, result.output
+    tuned = TunedPrompt.read(str(teacher_prompts[0]))
+    assert tuned.caption == "square. an orange tile."
+    options = json.loads((out / "_manifest.json").read_text())["options"]
+    assert options["prompt_sha256"] == tuned.sha256 and options["prompt"] == str(teacher_prompts[0])
+    assert options["prompt_template"] == {"tile": {"prefix": "an orange ", "name": "tile", "suffix": ""}}
+    samples = _samples_by_key(out)
+    assert sorted(samples) == [f"00000/00000{i:04d}" for i in range(3)]   # the one without parsed phrases too
+    identity = teacher_identity(teacher_dir)
+    prompted = GLIPTeacher(prompted_model(teacher_dir, teacher_prompts[0]), identity)
+    plain = GLIPTeacher.load(teacher_dir)
+    differs = 0
+    for key, (d, image) in samples.items():
+        assert d["caption"] == tuned.caption
+        assert d["phrases"] == [{"text": "square", "start": 0, "end": 6, "root": "square"},
+                                {"text": "tile", "start": 18, "end": 22, "root": "tile"}]   # the names only
+        assert d["extra"]["alt_text"] == prompt_inputs["captions"][d["extra"]["source_key"]]
+        assert d["extra"]["prompt_sha256"] == tuned.sha256
+        assert _same_boxes(d["boxes"], _grounded_by_hand(prompted, d, image))
+        differs += not _same_boxes(d["boxes"], _grounded_by_hand(plain, d, image))
+    assert sum(len(d["boxes"]) for d, _ in samples.values()) > 0
+    assert differs > 0                                   # the actor did attach the prompt
+
+
+def test_a_resumed_run_with_another_prompt_is_refused(prompt_inputs, prompt_labeled, teacher_dir, teacher_prompts,
+                                                      cli):
+    out, _ = prompt_labeled
+    for extra in (("--prompt", teacher_prompts[1]), ()):
+        r = cli(*_args(prompt_inputs, teacher_dir, out, *extra))
+        said = " ".join(r.output.split())
+        assert r.exit_code == 2 and "prompt_sha256" in said and "--overwrite" in said, r.output
+    r = cli(*_args(prompt_inputs, teacher_dir, out, "--prompt", teacher_prompts[0]))
+    assert r.exit_code == 0 and "1 already done" in r.output, r.output
+
+
+def test_a_template_alone_is_grounded_in_every_image(prompt_inputs, teacher_dir, tiny_teacher, tmp_path, cli,
+                                                     ray_session):
+    out = tmp_path / "out"
+    r = cli(*_args(prompt_inputs, teacher_dir, out, "--prompt-template", '{"square": {}, "tile": {"prefix": "a "}}'))
+    assert r.exit_code == 0, r.output
+    options = json.loads((out / "_manifest.json").read_text())["options"]
+    assert options["prompt_sha256"] is None and options["prompt_template"]["tile"]["prefix"] == "a "
+    samples = _samples_by_key(out)
+    assert len(samples) == 3
+    for d, image in samples.values():
+        assert d["caption"] == "square. a tile." and [p["text"] for p in d["phrases"]] == ["square", "tile"]
+        assert d["extra"]["alt_text"] == prompt_inputs["captions"][d["extra"]["source_key"]]
+        assert "prompt_sha256" not in d["extra"]
+        assert _same_boxes(d["boxes"], _grounded_by_hand(tiny_teacher, d, image))
+    r = cli(*_args(prompt_inputs, teacher_dir, out, "--prompt-template", '{"square": {}, "tile": {"prefix": "an "}}'))
+    assert r.exit_code == 2 and "prompt_template" in r.output and "--overwrite" in r.output
+
+
+def test_prompts_a_teacher_cannot_take_are_refused(prompt_inputs, teacher_dir, teacher_prompts, hf_teacher_dirs,
+                                                   tmp_path, cli, ray_session):
+    from prompt_helpers import other_model
+
+    for teacher, message in ((hf_teacher_dirs["grounding-dino"], "only a GLIP teacher takes a tuned prompt"),
+                             (other_model(teacher_dir, tmp_path / "other"), "was tuned for base model sha256")):
+        r = cli(*_args(prompt_inputs, teacher, tmp_path / "out", "--prompt", teacher_prompts[0]))
+        assert r.exit_code == 2 and message in " ".join(r.output.split()), r.output
+        assert not (tmp_path / "out" / "_manifest.json").exists()
+    r = cli(*_args(prompt_inputs, teacher_dir, tmp_path / "out", "--prompt", teacher_prompts[0],
+                   "--prompt-template", '{"tile": {"prefix": "a "}}'))
+    assert r.exit_code == 2 and "a tuned prompt brings its own" in " ".join(r.output.split())
+    r = cli(*_args(prompt_inputs, teacher_dir, tmp_path / "out", "--prompt", teacher_dir))
+    assert r.exit_code == 2 and "not a tuned prompt" in r.output
