@@ -174,3 +174,15 @@ def test_prompt_tune_cli_with_shots_template_and_resume(task, tmp_path, cli, ray
     result = cli("prompt-tune", "--model", str(base), "--detection", world.eval_coco_arg,
                  "--out", str(tmp_path / "bad"), "--mode", "sideways")
     assert result.exit_code == 2 and "--mode 'sideways'" in result.output
+
+
+def test_only_a_glip_model_can_be_prompt_tuned(task, hf_teacher_dirs, tmp_path):
+    from pipelines.prompt_tune import PromptTuneOptions, base_model_identity, train_options
+
+    _, _, base, _ = task
+    assert base_model_identity(str(base))["kind"] == "glipctl"
+    with pytest.raises(InputError, match="prompt tuning needs a GLIP model"):
+        base_model_identity(str(hf_teacher_dirs["owlv2"]))
+    with pytest.raises(InputError, match="--shots samples from the annotations"):
+        train_options(PromptTuneOptions(model=str(base), detection=str(task[1].detection_files[0]),
+                                        out=str(tmp_path / "o"), shots=1))
