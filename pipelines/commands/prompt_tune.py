@@ -84,4 +84,5 @@ def main(
     except TrainingFailed as exc:
         console.print(f"[bold red]error:[/] {exc}")
         raise typer.Exit(code=1) from None
-    _print_summary(console, result, title=f"prompt-tune ({mode})")
+    _print_summary(console, result, title=f"prompt-tune ({mode})",
+                   output="prompt (use with --prompt)" if mode == "prompt" else "model")

@@ -119,7 +119,7 @@ def main(
     _print_summary(console, result)
 
 
-def _print_summary(console, result, title: str = "train-student") -> None:
+def _print_summary(console, result, title: str = "train-student", output: str = "model") -> None:
     from rich.table import Table
 
     table = Table(title=title, show_header=True)
@@ -134,5 +134,5 @@ def _print_summary(console, result, title: str = "train-student") -> None:
         table.add_row(f"{source}: read / trained on", f"{c.get('read', 0):,} / {c.get('written', 0):,}")
         for reason, n in c.get("skipped", {}).items():
             table.add_row(f"{source}: skipped {reason}", f"{n:,}")
-    table.add_row("model", str(result.out))
+    table.add_row(output, str(result.out))
     console.print(table)
