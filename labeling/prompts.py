@@ -107,21 +107,25 @@ class TunedPrompt:
 
     def phrases(self) -> list[dict[str, Any]]:
         """The categories as caption phrases (``{text, start, end, root}``) of ``caption``."""
-        return [{"text": self.caption[s:e], "start": s, "end": e, "root": name}
-                for (s, e), name in zip(self.spans, self.category_names)]
+        return category_phrases(self.caption, self.spans, self.category_names)
 
 
 def template_prompt(template) -> tuple[str, list[dict[str, Any]]]:
     """``(caption, phrases)`` naming the categories of a template alone (``--prompt-template``
     without ``--prompt``): the manual prompt ``pseudo-label`` and ``predict`` ground in every image."""
-    from storage.prompt_template import render
+    from storage.prompt_template import names_prompt
 
     names = template.category_names()
     if not names:
         raise InputError(f"{template.source}: names no category (alone, a template is the list of categories "
                          f"to find)")
-    caption, spans = render(template.texts(names))
-    return caption, [{"text": caption[s:e], "start": s, "end": e, "root": n} for (s, e), n in zip(spans, names)]
+    caption, spans = names_prompt(names, template)
+    return caption, category_phrases(caption, spans, names)
+
+
+def category_phrases(caption: str, spans: list[tuple[int, int]], names: list[str]) -> list[dict[str, Any]]:
+    """Categories as caption phrases (``{text, start, end, root}``, root = the category name)."""
+    return [{"text": caption[s:e], "start": s, "end": e, "root": n} for (s, e), n in zip(spans, names)]
 
 
 def category_prompt(tuned: TunedPrompt | None, template) -> tuple[str, list[dict[str, Any]]] | None:
@@ -151,10 +155,10 @@ def effective_template(tuned: TunedPrompt | None, template):
     if template is None:
         return own
     from storage.coco import category_name
-    from storage.prompt_template import CategoryText
+    from storage.prompt_template import category_texts
 
     names = [category_name({"name": n}) for n in tuned.category_names]
-    wanted = own.texts(names) if own is not None else [CategoryText("", n, "") for n in names]
+    wanted = category_texts(names, own)
     try:
         given = template.texts(names)
     except InputError:      # another category list: certainly not the tuned text

@@ -65,12 +65,11 @@ def category_prompts(categories: list[dict[str, Any]], max_tokens: int = 256,
     ``template``: a ``storage.prompt_template.PromptTemplate``: the words around each name (the
     span still covers the name only).
     """
-    from storage.prompt_template import CategoryText, render
+    from storage.prompt_template import CategoryText, category_texts, render
 
     count = count_tokens or estimate_tokens
     ordered = [c for c in sorted(categories, key=lambda c: c["id"]) if category_name(c)]
-    names = [category_name(c) for c in ordered]
-    texts = template.texts(names) if template is not None else [CategoryText("", n, "") for n in names]
+    texts = category_texts([category_name(c) for c in ordered], template)
     prompts: list[tuple[str, list[tuple[int, int, int]]]] = []
     chunk: list[tuple[int, CategoryText]] = []
 

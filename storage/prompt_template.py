@@ -111,6 +111,16 @@ def _entry(value: Any, category: str | None, where: str) -> CategoryText:
     return CategoryText(value.get("prefix", ""), name, value.get("suffix", ""))
 
 
+def category_texts(names: list[str], template: PromptTemplate | None = None) -> list[CategoryText]:
+    """What the prompt says for each of ``names``: ``template``'s words, or the bare names."""
+    return template.texts(names) if template is not None else [CategoryText("", n, "") for n in names]
+
+
+def names_prompt(names: list[str], template: PromptTemplate | None = None) -> tuple[str, list[tuple[int, int]]]:
+    """``(caption, span of each name)``: one prompt of ``names`` in order, ``template`` applied."""
+    return render(category_texts(names, template))
+
+
 def render(texts: list[CategoryText]) -> tuple[str, list[tuple[int, int]]]:
     """``(caption, span of each name)`` for one prompt of ``texts``, GLIP's way (module docstring)."""
     from storage.coco import SEPARATOR

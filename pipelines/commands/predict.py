@@ -106,13 +106,12 @@ def category_list_prompt(prompt: str, template=None) -> tuple[str, list[tuple[in
     ``storage.coco.category_prompts`` writes for its names, ``template``'s words around each (None:
     the bare names): ``(caption, span of each name)``; None when ``prompt`` is not a category list."""
     from labeling.phrases import category_list_spans
-    from storage.prompt_template import CategoryText, render
+    from storage.prompt_template import names_prompt
 
     listed = category_list_spans(prompt)
     if listed is None:
         return None
-    names = [prompt[s:e] for s, e in listed]
-    return render(template.texts(names) if template is not None else [CategoryText("", n, "") for n in names])
+    return names_prompt([prompt[s:e] for s, e in listed], template)
 
 
 def check_device(device: str) -> None:

@@ -37,16 +37,14 @@ def is_linear_probe_param(name: str) -> bool:
 def fixed_category_prompt(vocabulary: tuple[str, ...], template_json: Any = None) -> dict[str, Any]:
     """``{"caption", "categories": [{"name", "start", "end"}], "template"}``: the one prompt of a
     detection dataset's whole vocabulary, in its order, with ``template_json`` applied
-    (``storage.prompt_template``), exactly as ``storage.coco.category_prompts`` builds it."""
-    from storage.coco import category_prompts
-    from storage.prompt_template import PromptTemplate
+    (``storage.prompt_template``), exactly as ``storage.coco.category_prompts`` writes one prompt
+    (the model checks its length: ``prompt_positions``)."""
+    from storage.prompt_template import PromptTemplate, names_prompt
 
     template = PromptTemplate.from_json(template_json) if template_json is not None else None
-    cats = [{"id": i + 1, "name": n} for i, n in enumerate(vocabulary)]
-    prompts = category_prompts(cats, max_tokens=10 ** 9, template=template)   # one prompt; the model checks its length
-    caption, spans = prompts[0]
+    caption, spans = names_prompt(list(vocabulary), template)
     return {"caption": caption, "template": template.to_json() if template is not None else None,
-            "categories": [{"name": vocabulary[cat_id - 1], "start": s, "end": e} for s, e, cat_id in spans]}
+            "categories": [{"name": n, "start": s, "end": e} for n, (s, e) in zip(vocabulary, spans)]}
 
 
 def prompt_positions(model, caption: str) -> int:
