@@ -1,6 +1,6 @@
 """``glipctl prompt-tune``: what each mode trains (every other tensor bitwise unchanged), the prompt
 artifact (reloads to the tuned model's detections exactly, names its base model), few-shot
-sampling, and the CLI run on Ray Train with a template, shots and a resume."""
+sampling; the CLI run on Ray Train (template, shots, resume) is in test_prompt_tune_s3.py."""
 from __future__ import annotations
 
 import json
@@ -147,30 +147,9 @@ def test_few_shot_subset_has_k_images_per_category_and_follows_the_seed(task, tm
         few_shot_image_ids(coco, 0, 0)
 
 
-@pytest.mark.slow
-def test_prompt_tune_cli_with_shots_template_and_resume(task, tmp_path, cli, ray_session):
-    from labeling.prompts import TunedPrompt
-    from pipelines.training.loop import read_metrics
-
+def test_prompt_tune_cli_refuses_a_bad_mode(task, tmp_path, cli):
+    """(The CLI's Ray Train runs, with --shots, a template and --resume: test_prompt_tune_s3.py.)"""
     world, _, base, _ = task
-    out = tmp_path / "run"
-    args = ["prompt-tune", "--model", str(base), "--detection", world.eval_coco_arg, "--out", str(out),
-            "--shots", "1", "--batch-size", "2", "--warmup", "1", "--log-every", "1", "--checkpoint-every", "1",
-            "--prompt-template", '{"circle": {"suffix": " shape"}}']
-    result = cli(*args, "--steps", "2")
-    assert result.exit_code == 0, result.output
-    prompt = TunedPrompt.read(str(out))
-    assert prompt.caption.startswith("circle shape. square.") and prompt.meta["shots"] == 1
-    assert prompt.meta["template"]["circle"]["suffix"] == " shape"
-    (shots_file,) = (out / "_shots").iterdir()
-    assert len(json.loads(shots_file.read_text())["images"]) < 8
-    first = (out / "prompt.safetensors").read_bytes()
-
-    result = cli(*args, "--steps", "3", "--resume")
-    assert result.exit_code == 0, result.output
-    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2, 3]
-    assert (out / "prompt.safetensors").read_bytes() != first
-
     result = cli("prompt-tune", "--model", str(base), "--detection", world.eval_coco_arg,
                  "--out", str(tmp_path / "bad"), "--mode", "sideways")
     assert result.exit_code == 2 and "--mode 'sideways'" in result.output
